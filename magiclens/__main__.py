@@ -1,0 +1,3 @@
+from magiclens.cli import main
+
+raise SystemExit(main())

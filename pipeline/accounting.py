@@ -1,0 +1,96 @@
+"""Every stage accounts for what it received: in = out + rejected, by reason.
+
+Counts are Beam Metrics counters in the `magiclens` namespace named `STAGE.in`, `STAGE.out` and
+`STAGE.rejected.REASON`; at the end of a run they are read back from the pipeline result and written
+to `stats.json`. Rejected elements also go to `rejects/` (see `Reject`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+
+from pipeline.records import Reject
+
+NAMESPACE = "magiclens"
+REJECTS_TAG = "rejects"
+
+
+class StageCounters:
+    """The counters of one stage, created once per DoFn instance."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self._in = Metrics.counter(NAMESPACE, f"{stage}.in")
+        self._out = Metrics.counter(NAMESPACE, f"{stage}.out")
+        self._rejected: dict[str, object] = {}
+
+    def received(self, n: int = 1) -> None:
+        self._in.inc(n)
+
+    def kept(self, n: int = 1) -> None:
+        self._out.inc(n)
+
+    def reject(self, element_id: str, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
+        """Count a reject and return it as the tagged output every DoFn yields."""
+        counter = self._rejected.get(reason)
+        if counter is None:
+            counter = self._rejected[reason] = Metrics.counter(NAMESPACE, f"{self.stage}.rejected.{reason}")
+        counter.inc()
+        return beam.pvalue.TaggedOutput(REJECTS_TAG, Reject(element_id, self.stage, reason, detail))
+
+
+def stats_from_counters(counters: Mapping[str, int]) -> dict:
+    """Turn {"stage.in": n, "stage.out": n, "stage.rejected.reason": n} into per-stage stats."""
+    stages: dict[str, dict] = {}
+    for name, value in sorted(counters.items()):
+        stage, _, rest = name.partition(".")
+        entry = stages.setdefault(stage, {"in": 0, "out": 0, "rejected": {}, "rejected_total": 0})
+        if rest == "in":
+            entry["in"] += value
+        elif rest == "out":
+            entry["out"] += value
+        elif rest.startswith("rejected."):
+            reason = rest.removeprefix("rejected.")
+            entry["rejected"][reason] = entry["rejected"].get(reason, 0) + value
+            entry["rejected_total"] += value
+        else:  # a plain count, such as outputs.pairs
+            entry[rest] = entry.get(rest, 0) + value
+    for entry in stages.values():
+        if "in" in entry:
+            entry["balanced"] = entry["in"] == entry["out"] + entry["rejected_total"]
+    return stages
+
+
+def counters_from_result(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    totals: dict[str, int] = {}
+    for counter in query["counters"]:
+        try:
+            value = counter.committed
+        except Exception:  # runners that only report attempted values
+            value = None
+        if value is None:
+            value = counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
+    return totals
+
+
+def write_json(path: str, data: object) -> None:
+    """Write JSON through Beam FileSystems, so `path` may be local, gs:// or s3://."""
+    with FileSystems.create(path, mime_type="application/json") as handle:
+        handle.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str) -> object:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode())
+
+
+def unbalanced_stages(stats: Mapping[str, Mapping]) -> list[str]:
+    return [name for name, entry in stats.items() if "balanced" in entry and not entry["balanced"]]

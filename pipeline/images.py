@@ -1,0 +1,253 @@
+"""Image normalisation: bytes in, an upright RGB JPEG of bounded size plus its hashes out.
+
+`normalize_image` either returns a `NormalizedImage` or raises `ImageRejected` with a short reason
+token (also the name of the reject counter). Checks that need only the header (the
+decompression-bomb limit, size, aspect ratio, animation) run before any pixel is decoded. Decoding
+is kept cheap: a JPEG is decoded straight at a reduced scale (draft mode), a large image is shrunk
+by an integer factor with `reduce()` before the final resampling, and the perceptual hash is
+computed from the small result rather than from the full-size picture.
+
+Reasons: empty, svg, not_image, decompression_bomb, too_small, aspect_ratio, animated, truncated,
+decode_error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import zlib
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.records import NormalizedImage
+
+# Pillow's own default for Image.MAX_IMAGE_PIXELS: about 0.25 GB once decoded as 24-bit RGB.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Raster formats that web pages use. Pillow can open many more (EPS would start Ghostscript, and
+# rarely used decoders are little tested); bytes in any other format are `not_image`.
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO")
+
+# An SVG document: optional BOM, then XML declaration, comments and doctype (with an internal
+# subset, as Illustrator writes them) in any number, then the <svg> root element.
+_SVG_START = re.compile(
+    rb"(?:\xef\xbb\xbf)?(?:\s*(?:<\?.*?\?>|<!--.*?-->|<!doctype[^\[>]*(?:\[.*?\])?\s*>))*\s*<svg[\s>/]",
+    re.DOTALL,
+)
+_SNIFF_BYTES = 4096
+_GZIP_MAGIC = b"\x1f\x8b"
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_WHITE = (255, 255, 255)
+
+
+class ImageRejected(Exception):
+    """An image that normalisation will not keep: a reason token and a detail for people."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def normalize_image(
+    data: bytes,
+    *,
+    max_side: int = 512,
+    min_side: int = 150,
+    max_aspect: float = 3.0,
+    jpeg_quality: int = 90,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> NormalizedImage:
+    """Decode `data`, orient it upright, convert it to RGB, shrink it and re-encode it as JPEG.
+
+    The stored image's longer side is at most `max_side` (smaller images are never enlarged).
+    Images whose shorter side is under `min_side`, whose longer side is more than `max_aspect`
+    times the shorter one, or with more than `max_pixels` pixels are rejected from their header.
+    A `max_pixels` above twice Pillow's global Image.MAX_IMAGE_PIXELS has no effect: Pillow then
+    refuses the image itself (also reported as `decompression_bomb`). `original_width` and
+    `original_height` are those of the upright picture.
+    """
+    if not data:
+        raise ImageRejected("empty", "no bytes")
+    if _looks_like_svg(data):
+        raise ImageRejected("svg", "an SVG document; vector images are not kept")
+
+    with _open(data) as image:
+        original_format = image.format
+        _check_header_size(image.size, min_side, max_aspect, max_pixels)
+        _reject_animation(image)
+        stored_width, stored_height = image.size
+        # Only the JPEG decoder can scale while decoding (by 1/2, 1/4 or 1/8, never below the
+        # requested size); for every other format draft() does nothing.
+        image.draft("RGB", _fit_within(image.size, max_side))
+        _decode(image)
+        decoded_size = image.size
+        _orient_upright(image)
+        if image.size == decoded_size:
+            original_width, original_height = stored_width, stored_height
+        else:
+            original_width, original_height = stored_height, stored_width
+        pixels = _flatten_to_rgb_or_gray(image)
+
+    small = _shrink(pixels, _fit_within((original_width, original_height), max_side))
+    del pixels  # the full-size (or draft-size) pixels are not needed past this point
+    if small.mode != "RGB":
+        small = small.convert("RGB")
+
+    encoded = io.BytesIO()
+    small.save(encoded, "JPEG", quality=jpeg_quality)
+    return NormalizedImage(
+        jpeg=encoded.getvalue(),
+        width=small.width,
+        height=small.height,
+        original_width=original_width,
+        original_height=original_height,
+        original_format=original_format,
+        sha256=hashlib.sha256(data).hexdigest(),
+        phash=str(imagehash.phash(small, hash_size=8)),
+    )
+
+
+def _looks_like_svg(data: bytes) -> bool:
+    head = data[:_SNIFF_BYTES]
+    if head.startswith(_GZIP_MAGIC):  # .svgz
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(head, _SNIFF_BYTES)
+        except zlib.error:
+            return False
+    return _SVG_START.match(head.lower()) is not None
+
+
+def _open(data: bytes) -> Image.Image:
+    """Parse the header only: Image.open reads no pixel data."""
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as error:
+        raise ImageRejected("decompression_bomb", str(error)) from None
+    except Exception as error:  # Pillow raises many types on hostile headers; none may escape
+        if _says_truncated(error):
+            raise ImageRejected("truncated", _describe(error)) from None
+        raise ImageRejected(
+            "not_image",
+            f"not a readable {'/'.join(ACCEPTED_FORMATS)} header "
+            f"({_describe(error)}); first bytes {data[:16]!r}",
+        ) from None
+
+
+def _check_header_size(
+    size: tuple[int, int], min_side: int, max_aspect: float, max_pixels: int
+) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageRejected(
+            "decompression_bomb", f"{width}x{height} is over the limit of {max_pixels} pixels"
+        )
+    if min(width, height) < min_side:
+        raise ImageRejected("too_small", f"{width}x{height}: a side is under {min_side} px")
+    if max(width, height) > max_aspect * min(width, height):
+        raise ImageRejected(
+            "aspect_ratio", f"{width}x{height}: aspect ratio over {max_aspect:g}"
+        )
+
+
+def _reject_animation(image: Image.Image) -> None:
+    """Animations are not photos; MPO (a camera's JPEG with extra pictures) keeps its first one."""
+    if image.format == "MPO":
+        return
+    try:
+        animated = getattr(image, "is_animated", False)
+    except Exception as error:  # is_animated parses the next frame's header
+        raise _decode_failure(error) from None
+    if animated:
+        raise ImageRejected(
+            "animated", f"{image.format} with {getattr(image, 'n_frames', 'several')} frames"
+        )
+
+
+def _fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """The size with the same aspect ratio whose longer side is at most max_side (never larger)."""
+    width, height = size
+    longer = max(width, height)
+    if longer <= max_side:
+        return width, height
+    scale = max_side / longer
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _decode(image: Image.Image) -> None:
+    try:
+        image.load()
+    except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, EOFError, ...
+        raise _decode_failure(error) from None
+
+
+def _orient_upright(image: Image.Image) -> None:
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as error:  # a malformed EXIF block
+        raise ImageRejected("decode_error", f"EXIF orientation unreadable: {_describe(error)}")
+
+
+def _flatten_to_rgb_or_gray(image: Image.Image) -> Image.Image:
+    """8-bit RGB or L pixels; gray stays one channel until after the resize (a third of the work).
+
+    Transparent pixels are composited on white, so that transparent icons and logos neither
+    turn black nor all hash alike.
+    """
+    mode = image.mode
+    if mode in ("RGB", "L"):
+        return image.copy()
+    if mode in _SIXTEEN_BIT_MODES:
+        return _scale_to_gray8(np.asarray(image), 65535.0)
+    if mode in ("I", "F"):
+        pixels = np.asarray(image)
+        low, high = float(pixels.min()), float(pixels.max())
+        if low >= 0 and high <= 65535 and mode == "I":
+            return _scale_to_gray8(pixels, 65535.0 if high > 255 else 255.0)
+        return _scale_to_gray8(pixels - low, max(high - low, 1e-12))
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, _WHITE)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    if mode == "1":
+        return image.convert("L")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:  # a mode Pillow cannot convert to RGB
+        raise ImageRejected("decode_error", f"cannot convert mode {mode} to RGB: {error}") from None
+
+
+def _scale_to_gray8(pixels: np.ndarray, full_scale: float) -> Image.Image:
+    scaled = np.clip(pixels.astype(np.float32) * (255.0 / full_scale) + 0.5, 0, 255)
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def _shrink(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to `size`: a cheap integer-factor reduce() first, then Lanczos from at most 2x."""
+    if image.size == size:
+        return image
+    factor = min(image.width // size[0], image.height // size[1]) // 2
+    if factor >= 2:
+        image = image.reduce(factor)
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _decode_failure(error: Exception) -> ImageRejected:
+    if isinstance(error, Image.DecompressionBombError):
+        return ImageRejected("decompression_bomb", str(error))
+    if _says_truncated(error):
+        return ImageRejected("truncated", _describe(error))
+    return ImageRejected("decode_error", _describe(error))
+
+
+def _says_truncated(error: Exception) -> bool:
+    return "truncated" in str(error).lower()
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,419 @@
+"""`magiclens mine`: WARC files -> same-page image pairs (pairs/*.parquet), rejects/ and stats.json.
+
+The stages are plain functions in their own modules (warc, extract, images, fetch, pairs); this
+module composes them with Beam:
+
+  files -> records -> pages -> image refs --(by image URL)--> images -> (by page) -> pairs
+                  \\-> image records ---------/          \\-> fetch (images not in the input)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.parquetio import WriteToParquet
+
+from pipeline import schemas
+from pipeline.accounting import (
+    REJECTS_TAG,
+    StageCounters,
+    counters_from_result,
+    stats_from_counters,
+    unbalanced_stages,
+    write_json,
+)
+from pipeline.beam_options import pipeline_options
+from pipeline.extract import extract_images
+from pipeline.images import ImageRejected, normalize_image
+from pipeline.pairs import PageImage, PageInfo, PairingConfig, choose_pairs, drop_duplicates, pair_row
+from pipeline.records import ImageRecord, ImageRef, Page, Reject
+from pipeline.warc import ReadLimits, SkippedRecord, read_warc
+
+LOG = logging.getLogger("magiclens.mine")
+
+PAGES_TAG = "pages"
+IMAGES_TAG = "images"
+TO_FETCH_TAG = "to_fetch"
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    max_side: int = 512
+    min_side: int = 150
+    max_aspect: float = 3.0
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    inputs: tuple[str, ...]
+    output: str
+    html_parser: str = "lexbor"
+    max_images_per_page: int = 30
+    context_chars: int = 300
+    image: ImageConfig = field(default_factory=ImageConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    read_limits: ReadLimits = field(default_factory=ReadLimits)
+    no_fetch: bool = False
+
+
+@dataclass(frozen=True)
+class PageRef:
+    """An image reference with the page it was found on; keyed by image URL between stages."""
+
+    page: PageInfo
+    ref: ImageRef
+
+
+class ReadWarcFiles(beam.DoFn):
+    """A matched WARC file -> pages and image records (tagged outputs) and rejects."""
+
+    def __init__(self, limits: ReadLimits):
+        self.limits = limits
+
+    def setup(self):
+        self.files = StageCounters("warc_files")
+        self.records = StageCounters("records")
+
+    def process(self, metadata: fileio.FileMetadata):
+        path = metadata.path
+        self.files.received()
+        broke_off = None
+        for item in read_warc(path, self.limits):
+            if isinstance(item, SkippedRecord) and item.reason == "truncated_file":
+                broke_off = item
+                continue
+            self.records.received()
+            if isinstance(item, SkippedRecord):
+                yield self.records.reject(item.element_id, item.reason, item.detail)
+            elif isinstance(item, Page):
+                self.records.kept()
+                yield beam.pvalue.TaggedOutput(PAGES_TAG, item)
+            else:
+                self.records.kept()
+                yield beam.pvalue.TaggedOutput(IMAGES_TAG, (item.url, item))
+        if broke_off is None:
+            self.files.kept()
+        else:
+            yield self.files.reject(path, "truncated_file", broke_off.detail)
+
+
+class ExtractImageRefs(beam.DoFn):
+    """A page -> (image URL, PageRef) for each reference kept; pages with under two are rejected."""
+
+    def __init__(self, config: MineConfig):
+        self.config = config
+
+    def setup(self):
+        self.pages = StageCounters("pages")
+        self.refs = StageCounters("refs")
+
+    def process(self, page: Page):
+        self.pages.received()
+        try:
+            found = extract_images(
+                page.html,
+                page.url,
+                parser=self.config.html_parser,
+                charset=page.charset,
+                context_chars=self.config.context_chars,
+            )
+        except Exception as error:  # a parser failure is a reject, never a crash
+            yield self.pages.reject(page.url, "parse_error", f"{type(error).__name__}: {error}")
+            return
+        refs = found.refs[: self.config.max_images_per_page]
+        overflow = found.refs[self.config.max_images_per_page :]
+        if len(refs) < 2:
+            yield self.pages.reject(page.url, "fewer_than_2_images", f"{len(refs)} usable image reference(s)")
+            return
+        self.pages.kept()
+        info = PageInfo(url=page.url, title=found.title, lang=found.lang, crawl=page.crawl)
+        for reason, detail in found.skipped:
+            self.refs.received()
+            yield self.refs.reject(page.url, reason, detail)
+        for ref in overflow:
+            self.refs.received()
+            yield self.refs.reject(f"{page.url} {ref.url}", "over_page_cap", f"position {ref.position}")
+        for ref in refs:
+            self.refs.received()
+            self.refs.kept()
+            yield ref.url, PageRef(info, ref)
+
+
+def _normalize(data: bytes, config: ImageConfig):
+    return normalize_image(
+        data,
+        max_side=config.max_side,
+        min_side=config.min_side,
+        max_aspect=config.max_aspect,
+        jpeg_quality=config.jpeg_quality,
+    )
+
+
+class ResolveImages(beam.DoFn):
+    """(image URL, {refs, records}) -> one PageImage per reference, a reject, or a fetch request.
+
+    An image is decoded once per URL, however many pages show it.
+    """
+
+    def __init__(self, config: MineConfig):
+        self.config = config
+
+    def setup(self):
+        self.images = StageCounters("images")
+        self.records = StageCounters("image_records")
+
+    def process(self, element):
+        url, grouped = element
+        refs = list(grouped["refs"])
+        records = sorted(grouped["records"], key=lambda record: record.record_id)
+        for record in records:
+            self.records.received()
+        if not refs:
+            for record in records:
+                yield self.records.reject(record.record_id, "unreferenced", url)
+            return
+        for position, record in enumerate(records):
+            if position == 0:
+                self.records.kept()
+            else:
+                yield self.records.reject(record.record_id, "duplicate_capture", url)
+        self.images.received(len(refs))
+        if not records:
+            if self.config.no_fetch:
+                for page_ref in refs:
+                    yield self.images.reject(f"{page_ref.page.url} {url}", "not_in_input", "--no-fetch")
+            else:
+                for page_ref in refs:
+                    yield beam.pvalue.TaggedOutput(TO_FETCH_TAG, (url, page_ref))
+            return
+        try:
+            image = _normalize(records[0].data, self.config.image)
+        except ImageRejected as rejected:
+            for page_ref in refs:
+                yield self.images.reject(f"{page_ref.page.url} {url}", rejected.reason, rejected.detail)
+            return
+        self.images.kept(len(refs))
+        for page_ref in refs:
+            yield page_ref.page.url, PageImage(page_ref.page, page_ref.ref, image)
+
+
+class AttachFetched(beam.DoFn):
+    """(image URL, {refs, fetched, failed}) -> one PageImage per reference, or a reject per reference."""
+
+    def setup(self):
+        self.images = StageCounters("images")
+
+    def process(self, element):
+        url, grouped = element
+        fetched = list(grouped["fetched"])
+        failed = list(grouped["failed"])
+        for page_ref in grouped["refs"]:
+            element_id = f"{page_ref.page.url} {url}"
+            if fetched:
+                self.images.kept()
+                yield page_ref.page.url, PageImage(page_ref.page, page_ref.ref, fetched[0])
+            elif failed:
+                yield self.images.reject(element_id, failed[0].reason, failed[0].detail)
+            else:
+                yield self.images.reject(element_id, "fetch_lost", "the fetch stage returned nothing")
+
+
+class BuildPairs(beam.DoFn):
+    """(page URL, its images) -> pair rows; duplicates and pages left with one image are rejected."""
+
+    def __init__(self, pairing: PairingConfig):
+        self.pairing = pairing
+
+    def setup(self):
+        self.page_images = StageCounters("page_images")
+        self.pair_pages = StageCounters("pair_pages")
+        self.pairs = beam.metrics.Metrics.counter("magiclens", "outputs.pairs")
+
+    def process(self, element):
+        page_url, images = element
+        images = list(images)
+        self.page_images.received(len(images))
+        self.pair_pages.received()
+        kept, dropped = drop_duplicates(images, self.pairing.near_duplicate_distance)
+        self.page_images.kept(len(kept))
+        for item, reason, detail in dropped:
+            yield self.page_images.reject(f"{page_url} {item.ref.url}", reason, detail)
+        if len(kept) < 2:
+            yield self.pair_pages.reject(page_url, "fewer_than_2_images", f"{len(kept)} image(s) left")
+            return
+        self.pair_pages.kept()
+        for query, target in choose_pairs(kept, self.pairing):
+            self.pairs.inc()
+            yield pair_row(query, target)
+
+
+def _fetch_images(to_fetch, config: MineConfig, args: argparse.Namespace):
+    """Fetch the images not found in the input; returns (fetched, failed) keyed by URL."""
+    from pipeline.fetch import FetchConfig, FetchImages
+
+    fetch_config = FetchConfig.from_args(args)
+    urls = to_fetch | "FetchUrls" >> beam.Keys() | "DistinctUrls" >> beam.Distinct()
+    results = urls | "Fetch" >> FetchImages(fetch_config)
+    failed = results[REJECTS_TAG] | "FailedByUrl" >> beam.Map(lambda reject: (reject.element_id, reject))
+    return results[None] if None in results else results.fetched, failed
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: MineConfig, args: argparse.Namespace | None = None) -> None:
+    files = (
+        pipeline
+        | "Patterns" >> beam.Create(list(config.inputs))
+        | "Match" >> fileio.MatchAll()
+        | "SpreadFiles" >> beam.Reshuffle()
+    )
+    read = files | "ReadWarc" >> beam.ParDo(ReadWarcFiles(config.read_limits)).with_outputs(
+        PAGES_TAG, IMAGES_TAG, REJECTS_TAG
+    )
+    extracted = read[PAGES_TAG] | "Extract" >> beam.ParDo(ExtractImageRefs(config)).with_outputs(
+        REJECTS_TAG, main="refs"
+    )
+    resolved = {"refs": extracted.refs, "records": read[IMAGES_TAG]} | "ByImageUrl" >> beam.CoGroupByKey()
+    images = resolved | "Resolve" >> beam.ParDo(ResolveImages(config)).with_outputs(
+        TO_FETCH_TAG, REJECTS_TAG, main="page_images"
+    )
+    page_images = [images.page_images]
+    rejects = [read[REJECTS_TAG], extracted[REJECTS_TAG], images[REJECTS_TAG]]
+    if not config.no_fetch:
+        fetched, failed = _fetch_images(images[TO_FETCH_TAG], config, args)
+        attached = (
+            {"refs": images[TO_FETCH_TAG], "fetched": fetched, "failed": failed}
+            | "JoinFetched" >> beam.CoGroupByKey()
+            | "Attach" >> beam.ParDo(AttachFetched()).with_outputs(REJECTS_TAG, main="page_images")
+        )
+        page_images.append(attached.page_images)
+        rejects.append(attached[REJECTS_TAG])
+    paired = (
+        page_images
+        | "AllPageImages" >> beam.Flatten()
+        | "ByPage" >> beam.GroupByKey()
+        | "Pairs" >> beam.ParDo(BuildPairs(config.pairing)).with_outputs(REJECTS_TAG, main="pairs")
+    )
+    rejects.append(paired[REJECTS_TAG])
+    paired.pairs | "WritePairs" >> WriteToParquet(
+        FileSystems.join(config.output, "pairs", "part"),
+        schemas.PAIRS,
+        file_name_suffix=".parquet",
+    )
+    (
+        rejects
+        | "AllRejects" >> beam.Flatten()
+        | "RejectRows" >> beam.Map(Reject.as_row)
+        | "WriteRejects"
+        >> WriteToParquet(FileSystems.join(config.output, "rejects", "part"), schemas.REJECTS, file_name_suffix=".parquet")
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Mine same-page image pairs from WARC files. Writes OUTPUT/pairs/*.parquet, OUTPUT/rejects/ "
+        "(every element dropped, with its reason) and OUTPUT/stats.json (per stage: in, out, rejected). "
+        "Arguments not listed here are passed to Beam as pipeline options (e.g. --runner, "
+        "--direct_num_workers=2); the default runner is Beam's in-process FnApiRunner."
+    )
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--input", action="append", required=True, metavar="GLOB",
+                    help="WARC file or glob (local, gs://, s3://); repeatable")
+    io.add_argument("--output", required=True, metavar="DIR", help="output directory (local, gs://, s3://)")
+    io.add_argument("--no-fetch", action="store_true",
+                    help="use only images found in the input WARCs; images elsewhere are rejected as not_in_input")
+    extract = parser.add_argument_group("extraction")
+    extract.add_argument("--html-parser", choices=["lexbor", "bs4"], default="lexbor",
+                         help="HTML parser: selectolax/Lexbor (fast, default) or BeautifulSoup")
+    extract.add_argument("--max-images-per-page", type=int, default=30, metavar="N",
+                         help="keep the first N image references of a page, in page order (default 30)")
+    extract.add_argument("--context-chars", type=int, default=300, metavar="N",
+                         help="cap on the nearby text kept per image (default 300)")
+    images = parser.add_argument_group("images")
+    images.add_argument("--max-side", type=int, default=512, help="resize so the longer side is at most this (default 512)")
+    images.add_argument("--min-side", type=int, default=150, help="reject images whose shorter side is under this (default 150)")
+    images.add_argument("--max-aspect", type=float, default=3.0, help="reject images with aspect ratio over this (default 3)")
+    images.add_argument("--jpeg-quality", type=int, default=90, help="quality of the stored JPEG (default 90)")
+    pairing = parser.add_argument_group("pairs")
+    pairing.add_argument("--near-duplicate-distance", type=int, default=8, metavar="BITS",
+                         help="pHash Hamming distance at or under which two images of a page are duplicates (default 8)")
+    pairing.add_argument("--pairs-per-page", type=int, default=4, help="at most this many pairs per page (default 4)")
+    pairing.add_argument("--both-directions", action="store_true",
+                         help="also write (target, query) for each chosen (query, target)")
+    try:
+        from pipeline.fetch import add_fetch_arguments
+    except ImportError:
+        return
+    add_fetch_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> MineConfig:
+    positive = {
+        "--max-images-per-page": args.max_images_per_page,
+        "--max-side": args.max_side,
+        "--pairs-per-page": args.pairs_per_page,
+        "--context-chars": args.context_chars,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {value}")
+    if args.max_aspect < 1:
+        raise SystemExit(f"--max-aspect must be at least 1, got {args.max_aspect}")
+    if not 1 <= args.jpeg_quality <= 95:
+        raise SystemExit(f"--jpeg-quality must be between 1 and 95, got {args.jpeg_quality}")
+    if not 0 <= args.near_duplicate_distance <= 64:
+        raise SystemExit(f"--near-duplicate-distance must be between 0 and 64, got {args.near_duplicate_distance}")
+    return MineConfig(
+        inputs=tuple(args.input),
+        output=args.output,
+        html_parser=args.html_parser,
+        max_images_per_page=args.max_images_per_page,
+        context_chars=args.context_chars,
+        image=ImageConfig(args.max_side, args.min_side, args.max_aspect, args.jpeg_quality),
+        pairing=PairingConfig(args.near_duplicate_distance, args.pairs_per_page, args.both_directions),
+        no_fetch=args.no_fetch,
+    )
+
+
+def check_inputs_exist(patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        if not FileSystems.match([pattern])[0].metadata_list:
+            raise SystemExit(f"--input {pattern!r} matches no file")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = config_from_args(args)
+    check_inputs_exist(config.inputs)
+    options = pipeline_options(extra)
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config, args)
+    result = pipeline.run()
+    result.wait_until_finish()
+    stats = stats_from_counters(counters_from_result(result))
+    summary = {
+        "command": "mine",
+        "config": asdict(config),
+        "seconds": round(time.time() - started, 2),
+        "stages": stats,
+    }
+    write_json(FileSystems.join(config.output, "stats.json"), summary)
+    pairs = stats.get("outputs", {}).get("pairs", 0)
+    print(f"pairs written: {pairs}  ->  {FileSystems.join(config.output, 'pairs')}")
+    for name, entry in stats.items():
+        if "in" in entry:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(entry["rejected"].items()))
+            print(f"  {name:<12} in {entry['in']:>7}  out {entry['out']:>7}  rejected {entry['rejected_total']:>7}"
+                  + (f"  ({reasons})" if reasons else ""))
+    print(f"stats: {FileSystems.join(config.output, 'stats.json')}  rejects: {FileSystems.join(config.output, 'rejects')}")
+    broken = unbalanced_stages(stats)
+    if broken:
+        LOG.error("stages whose counts do not balance (in != out + rejected): %s", ", ".join(broken))
+        return 1
+    return 0

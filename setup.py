@@ -1,0 +1,31 @@
+"""One package for users and for Beam workers (staged to Dataflow with --setup_file)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="magiclens",
+    version="0.1.0",
+    description="Open MagicLens data engine: mine image-instruction-image triplets, train and search",
+    python_requires=">=3.10",
+    packages=find_packages(include=["magiclens", "pipeline*", "model*", "prompts"]),
+    package_data={"prompts": ["*.yaml"], "model": ["assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "apache-beam>=2.60",  # the pipelines, their runners, FileSystems, Metrics, WriteToParquet
+        "fastwarc>=0.14",  # WARC reading (fast, gzip multi-member, Rust core)
+        "selectolax>=0.3.21",  # Lexbor HTML parser: the default extractor
+        "beautifulsoup4>=4.12",  # the alternative extractor (--html-parser bs4)
+        "html5lib>=1.1",  # HTML5 tree building for bs4, so that both parsers see one tree
+        "pillow>=10.0",  # image decoding, EXIF orientation, resizing, JPEG encoding
+        "imagehash>=4.3",  # the 64-bit perceptual hash (pHash)
+        "pyarrow>=14",  # Parquet schemas, reading and writing
+        "numpy>=1.24",
+    ],
+    extras_require={
+        # training, evaluation and CLIP scoring
+        "model": ["torch>=2.3", "transformers>=4.45", "tqdm>=4.66", "tensorboard>=2.15"],
+        "gcp": ["apache-beam[gcp]>=2.60"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+    entry_points={"console_scripts": ["magiclens=magiclens.cli:main"]},
+)
