@@ -28,8 +28,9 @@ from pipeline.records import NormalizedImage
 DEFAULT_MAX_PIXELS = 89_478_485
 
 # Raster formats that web pages use. Pillow can open many more (EPS would start Ghostscript, and
-# rarely used decoders are little tested); bytes in any other format are `not_image`.
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO")
+# rarely used decoders are little tested); bytes in any other format are `not_image`. MPO
+# files are opened by the JPEG plugin.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO")
 
 # An SVG document: optional BOM, then XML declaration, comments and doctype (with an internal
 # subset, as Illustrator writes them) in any number, then the <svg> root element.
@@ -40,6 +41,7 @@ _SVG_START = re.compile(
 _SNIFF_BYTES = 4096
 _GZIP_MAGIC = b"\x1f\x8b"
 
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _WHITE = (255, 255, 255)
 
@@ -91,10 +93,9 @@ def normalize_image(
             original_width, original_height = stored_width, stored_height
         else:
             original_width, original_height = stored_height, stored_width
-        pixels = _flatten_to_rgb_or_gray(image)
-
-    small = _shrink(pixels, _fit_within((original_width, original_height), max_side))
-    del pixels  # the full-size (or draft-size) pixels are not needed past this point
+        target_size = _fit_within((original_width, original_height), max_side)
+        small = _shrink(_flatten_to_rgb_or_gray(image), target_size)
+    # Leaving the `with` block freed the decoded full-size pixels; only `small` is left.
     if small.mode != "RGB":
         small = small.convert("RGB")
 
@@ -199,8 +200,13 @@ def _flatten_to_rgb_or_gray(image: Image.Image) -> Image.Image:
     turn black nor all hash alike.
     """
     mode = image.mode
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, _WHITE)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
     if mode in ("RGB", "L"):
-        return image.copy()
+        return image
     if mode in _SIXTEEN_BIT_MODES:
         return _scale_to_gray8(np.asarray(image), 65535.0)
     if mode in ("I", "F"):
@@ -209,11 +215,6 @@ def _flatten_to_rgb_or_gray(image: Image.Image) -> Image.Image:
         if low >= 0 and high <= 65535 and mode == "I":
             return _scale_to_gray8(pixels, 65535.0 if high > 255 else 255.0)
         return _scale_to_gray8(pixels - low, max(high - low, 1e-12))
-    if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, _WHITE)
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
     if mode == "1":
         return image.convert("L")
     try:
@@ -228,9 +229,9 @@ def _scale_to_gray8(pixels: np.ndarray, full_scale: float) -> Image.Image:
 
 
 def _shrink(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize to `size`: a cheap integer-factor reduce() first, then Lanczos from at most 2x."""
+    """A new image of `size`: a cheap integer-factor reduce() first, then Lanczos from at most 2x."""
     if image.size == size:
-        return image
+        return image.copy()  # the caller closes the decoded image
     factor = min(image.width // size[0], image.height // size[1]) // 2
     if factor >= 2:
         image = image.reduce(factor)

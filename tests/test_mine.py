@@ -1,0 +1,142 @@
+"""`magiclens mine` and `magiclens instruct` end to end on Beam's in-process runner."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from magiclens.cli import main
+from pipeline import schemas
+from warcs import write_warc
+
+
+def read_dataset(folder: Path):
+    files = sorted(folder.glob("*.parquet"))
+    assert files, f"no parquet files in {folder}"
+    return pq.ParquetDataset([str(f) for f in files]).read()
+
+
+def mine(inputs: list[str], output: Path, *extra: str) -> dict:
+    args = ["mine", "--output", str(output), "--no-fetch", *extra]
+    for pattern in inputs:
+        args += ["--input", pattern]
+    assert main(args) == 0
+    return json.loads((output / "stats.json").read_text())
+
+
+def assert_balanced(stats: dict) -> None:
+    for name, entry in stats["stages"].items():
+        if "in" in entry:
+            assert entry["in"] == entry["out"] + sum(entry["rejected"].values()), name
+
+
+@pytest.fixture(scope="module")
+def mined(shared_data, tmp_path_factory) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("mined")
+    stats = mine(
+        [str(shared_data / "warc/webarchive/*.warc.gz"), str(shared_data / "warc/commoncrawl/*.warc.gz")],
+        output,
+    )
+    return output, stats
+
+
+def test_mining_the_shared_warcs_balances_every_stage(mined):
+    output, stats = mined
+    assert_balanced(stats)
+    stages = stats["stages"]
+    assert stages["warc_files"]["in"] == 13  # 11 web archives + 2 Common Crawl WARCs (*.warc.gz)
+    # Common Crawl pages point at images on the web: without fetching they are not in the input
+    assert stages["images"]["rejected"]["not_in_input"] > 0
+    assert stages["outputs"]["pairs"] > 50
+
+
+def test_pairs_follow_the_schema_and_hold_two_distinct_decodable_images(mined):
+    output, _ = mined
+    table = read_dataset(output / "pairs")
+    assert table.schema.names == schemas.PAIRS.names
+    assert table.schema.field("query_image").type == schemas.IMAGE
+    rows = table.to_pylist()
+    assert len({r["pair_id"] for r in rows}) == len(rows)
+    for row in rows:
+        assert row["query_sha256"] != row["target_sha256"]
+        assert row["query_image"]["bytes"] != row["target_image"]["bytes"]
+        for side in ("query", "target"):
+            image = Image.open(io.BytesIO(row[f"{side}_image"]["bytes"]))
+            image.load()
+            assert image.mode == "RGB" and max(image.size) <= 512
+            assert (image.width, image.height) == (row[f"{side}_width"], row[f"{side}_height"])
+
+
+def test_rejects_are_written_with_reasons_and_no_image_bytes(mined):
+    output, stats = mined
+    rejects = read_dataset(output / "rejects")
+    assert rejects.schema.names == ["element_id", "stage", "reason", "detail"]
+    total = sum(sum(e["rejected"].values()) for e in stats["stages"].values() if "rejected" in e)
+    assert rejects.num_rows == total
+
+
+def test_same_input_gives_the_same_pairs(shared_data, tmp_path):
+    pattern = str(shared_data / "warc/webarchive/ukwa_*.warc.gz")
+    mine([pattern], tmp_path / "a")
+    mine([pattern], tmp_path / "b", "--html-parser", "bs4")
+    ids_a = sorted(read_dataset(tmp_path / "a" / "pairs").column("pair_id").to_pylist())
+    ids_b = sorted(read_dataset(tmp_path / "b" / "pairs").column("pair_id").to_pylist())
+    assert ids_a and ids_a == ids_b
+
+
+def test_instruct_with_the_template_writer_writes_triplets(mined, tmp_path):
+    output, stats = mined
+    assert main(["instruct", "--pairs", str(output / "pairs"), "--writer", "template", "--output", str(tmp_path)]) == 0
+    triplets = read_dataset(tmp_path / "triplets")
+    assert triplets.schema.names == schemas.TRIPLETS.names
+    rows = triplets.to_pylist()
+    assert rows
+    for row in rows:
+        assert row["triplet_id"] and row["instruction"].strip()
+        assert row["query_image"]["bytes"] and row["target_image"]["bytes"]
+        assert row["prompt_id"] == "template@1" and row["writer"] == "template"
+    instruct_stats = json.loads((tmp_path / "stats.json").read_text())
+    assert_balanced(instruct_stats)
+    entry = instruct_stats["stages"]["instruct"]
+    assert entry["in"] == stats["stages"]["outputs"]["pairs"]
+    assert entry["out"] == len(rows)
+
+
+def test_bad_input_is_counted_and_the_rest_still_mined(shared_data, tmp_path):
+    photos = shared_data / "images/photos/skimage"
+    edge = shared_data / "images/edgecases"
+    good = [photos / "astronaut.png", photos / "coffee.png", photos / "chelsea.png"]
+    bad = sorted(p for p in edge.iterdir() if p.is_file())
+    base = "http://bad.example/"
+    records = []
+    for i, path in enumerate(good + bad):
+        records.append((f"{base}img/{i}", "image/jpeg", path.read_bytes()))
+    records.append((f"{base}img/empty", "image/png", b""))
+    records.append((f"{base}img/svg", "image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg" width="900" height="900"/>'))
+    imgs = "".join(f'<img src="/img/{i}" alt="picture {i}">' for i in range(len(good + bad)))
+    imgs += '<img src="/img/empty"><img src="/img/svg"><img src="data:image/png;base64,AAAA">'
+    records.append((f"{base}gallery", "text/html; charset=utf-8", f"<html><body>{imgs}</body></html>".encode()))
+    records.append((f"{base}deep", "text/html", b"<div>" * 100_000 + b'<img src="/img/0"><img src="/img/1">'))
+    records.append((f"{base}many", "text/html", b"<p>" + b'<img src="/img/1">' * 20_000))
+    records.append((f"{base}latin1", "text/html; charset=iso-8859-1",
+                    '<p>Caf\xe9 <img src="/img/0" alt="caf\xe9"><img src="/img/2" alt="cr\xe8me">'.encode("latin-1")))
+    records.append((f"{base}garbage", "text/html", bytes(range(256)) * 50))
+    warc = write_warc(tmp_path / "bad.warc.gz", records)
+    truncated = tmp_path / "truncated.warc.gz"
+    data = (shared_data / "warc/webarchive/ukwa_wikipedia-post-blackout.warc.gz").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    stats = mine([str(warc), str(truncated)], tmp_path / "out")
+    assert_balanced(stats)
+    stages = stats["stages"]
+    assert stages["warc_files"]["rejected"] == {"truncated_file": 1}
+    image_reasons = set(stages["images"]["rejected"])
+    assert {"empty", "svg", "truncated", "animated"} & image_reasons
+    assert stages["refs"]["rejected"].get("non_http_url", 0) >= 1
+    pairs = read_dataset(tmp_path / "out" / "pairs").to_pylist()
+    pages = {row["page_url"] for row in pairs}
+    assert f"{base}gallery" in pages and f"{base}latin1" in pages
