@@ -50,19 +50,21 @@ def stats_from_counters(counters: Mapping[str, int]) -> dict:
     stages: dict[str, dict] = {}
     for name, value in sorted(counters.items()):
         stage, _, rest = name.partition(".")
-        entry = stages.setdefault(stage, {"in": 0, "out": 0, "rejected": {}, "rejected_total": 0})
-        if rest == "in":
-            entry["in"] += value
-        elif rest == "out":
-            entry["out"] += value
+        entry = stages.setdefault(stage, {})
+        if rest in ("in", "out"):
+            entry[rest] = entry.get(rest, 0) + value
         elif rest.startswith("rejected."):
+            reasons = entry.setdefault("rejected", {})
             reason = rest.removeprefix("rejected.")
-            entry["rejected"][reason] = entry["rejected"].get(reason, 0) + value
-            entry["rejected_total"] += value
+            reasons[reason] = reasons.get(reason, 0) + value
         else:  # a plain count, such as outputs.pairs
             entry[rest] = entry.get(rest, 0) + value
     for entry in stages.values():
-        if "in" in entry:
+        if {"in", "out", "rejected"} & set(entry):
+            entry.setdefault("in", 0)
+            entry.setdefault("out", 0)
+            entry.setdefault("rejected", {})
+            entry["rejected_total"] = sum(entry["rejected"].values())
             entry["balanced"] = entry["in"] == entry["out"] + entry["rejected_total"]
     return stages
 

@@ -18,3 +18,11 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     if not standard.runner:
         standard.runner = DEFAULT_RUNNER
     return options
+
+
+def configure_logging() -> None:
+    """Our progress at INFO; Beam's own INFO chatter (type hints, stages) only at WARNING."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("magiclens").setLevel(logging.INFO)

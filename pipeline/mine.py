@@ -28,7 +28,7 @@ from pipeline.accounting import (
     unbalanced_stages,
     write_json,
 )
-from pipeline.beam_options import pipeline_options
+from pipeline.beam_options import configure_logging, pipeline_options
 from pipeline.extract import extract_images
 from pipeline.images import ImageRejected, normalize_image
 from pipeline.pairs import PageImage, PageInfo, PairingConfig, choose_pairs, drop_duplicates, pair_row
@@ -171,36 +171,38 @@ class ResolveImages(beam.DoFn):
 
     def process(self, element):
         url, grouped = element
-        refs = list(grouped["refs"])
+        # A page group can be huge (a logo shown on many pages): iterate it, never hold it as a list.
+        refs = grouped["refs"]
         records = sorted(grouped["records"], key=lambda record: record.record_id)
-        for record in records:
-            self.records.received()
-        if not refs:
-            for record in records:
-                yield self.records.reject(record.record_id, "unreferenced", url)
-            return
+        self.records.received(len(records))
+        has_refs = any(True for _ in refs)
         for position, record in enumerate(records):
-            if position == 0:
+            if not has_refs:
+                yield self.records.reject(record.record_id, "unreferenced", url)
+            elif position == 0:
                 self.records.kept()
             else:
                 yield self.records.reject(record.record_id, "duplicate_capture", url)
-        self.images.received(len(refs))
+        if not has_refs:
+            return
         if not records:
-            if self.config.no_fetch:
-                for page_ref in refs:
+            for page_ref in refs:
+                self.images.received()
+                if self.config.no_fetch:
                     yield self.images.reject(f"{page_ref.page.url} {url}", "not_in_input", "--no-fetch")
-            else:
-                for page_ref in refs:
+                else:
                     yield beam.pvalue.TaggedOutput(TO_FETCH_TAG, (url, page_ref))
             return
         try:
             image = _normalize(records[0].data, self.config.image)
         except ImageRejected as rejected:
             for page_ref in refs:
+                self.images.received()
                 yield self.images.reject(f"{page_ref.page.url} {url}", rejected.reason, rejected.detail)
             return
-        self.images.kept(len(refs))
         for page_ref in refs:
+            self.images.received()
+            self.images.kept()
             yield page_ref.page.url, PageImage(page_ref.page, page_ref.ref, image)
 
 
@@ -254,15 +256,18 @@ class BuildPairs(beam.DoFn):
             yield pair_row(query, target)
 
 
-def _fetch_images(to_fetch, config: MineConfig, args: argparse.Namespace):
-    """Fetch the images not found in the input; returns (fetched, failed) keyed by URL."""
+def _fetch_images(to_fetch, args: argparse.Namespace):
+    """Fetch the images not found in the input, once per URL.
+
+    Returns (fetched, failed, rejects): (url, NormalizedImage), (url, Reject) and the fetch stage's
+    own rejects (one per URL) for rejects/.
+    """
     from pipeline.fetch import FetchConfig, FetchImages
 
-    fetch_config = FetchConfig.from_args(args)
     urls = to_fetch | "FetchUrls" >> beam.Keys() | "DistinctUrls" >> beam.Distinct()
-    results = urls | "Fetch" >> FetchImages(fetch_config)
+    results = urls | "Fetch" >> FetchImages(FetchConfig.from_args(args))
     failed = results[REJECTS_TAG] | "FailedByUrl" >> beam.Map(lambda reject: (reject.element_id, reject))
-    return results[None] if None in results else results.fetched, failed
+    return results.fetched, failed, results[REJECTS_TAG]
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: MineConfig, args: argparse.Namespace | None = None) -> None:
@@ -285,7 +290,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: MineConfig, args: argparse.N
     page_images = [images.page_images]
     rejects = [read[REJECTS_TAG], extracted[REJECTS_TAG], images[REJECTS_TAG]]
     if not config.no_fetch:
-        fetched, failed = _fetch_images(images[TO_FETCH_TAG], config, args)
+        fetched, failed, fetch_rejects = _fetch_images(images[TO_FETCH_TAG], args)
+        rejects.append(fetch_rejects)
         attached = (
             {"refs": images[TO_FETCH_TAG], "fetched": fetched, "failed": failed}
             | "JoinFetched" >> beam.CoGroupByKey()
@@ -387,7 +393,7 @@ def check_inputs_exist(patterns: tuple[str, ...]) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     config = config_from_args(args)
     check_inputs_exist(config.inputs)
     options = pipeline_options(extra)
@@ -407,7 +413,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     pairs = stats.get("outputs", {}).get("pairs", 0)
     print(f"pairs written: {pairs}  ->  {FileSystems.join(config.output, 'pairs')}")
     for name, entry in stats.items():
-        if "in" in entry:
+        if "balanced" in entry:
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(entry["rejected"].items()))
             print(f"  {name:<12} in {entry['in']:>7}  out {entry['out']:>7}  rejected {entry['rejected_total']:>7}"
                   + (f"  ({reasons})" if reasons else ""))

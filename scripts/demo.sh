@@ -8,7 +8,8 @@ OUT=${DEMO_OUT:-demo-out}
 rm -rf "$OUT"
 
 echo "== mine: data/sample/*.warc.gz -> $OUT/mined"
-$BIN/magiclens mine --input 'data/sample/*.warc.gz' --output "$OUT/mined" --no-fetch
+# The sample crawls (2008, 2012) hold small images: a 64 px floor instead of the default 150.
+$BIN/magiclens mine --input 'data/sample/*.warc.gz' --output "$OUT/mined" --no-fetch --min-side 64
 
 echo
 echo "== instruct (template writer): $OUT/mined/pairs -> $OUT/instructed"
