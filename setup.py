@@ -6,7 +6,7 @@ setup(
     name="magiclens",
     version="0.1.0",
     description="Open MagicLens data engine: mine image-instruction-image triplets, train and search",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["magiclens", "pipeline*", "model*", "prompts"]),
     package_data={"prompts": ["*.yaml"], "model": ["assets/*"]},
     include_package_data=True,
@@ -18,6 +18,9 @@ setup(
         "html5lib>=1.1",  # HTML5 tree building for bs4, so that both parsers see one tree
         "pillow>=10.0",  # image decoding, EXIF orientation, resizing, JPEG encoding
         "imagehash>=4.3",  # the 64-bit perceptual hash (pHash)
+        "aiohttp>=3.9",  # the image fetcher: asynchronous HTTP with connection reuse
+        "ftfy>=6.0",  # repairs mojibake in alt text and captions
+        "py3langid>=0.4",  # language of image text and pages; its model ships inside the wheel
         "pyarrow>=14",  # Parquet schemas, reading and writing
         "numpy>=1.24",
     ],

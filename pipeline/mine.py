@@ -29,10 +29,14 @@ from pipeline.accounting import (
     write_json,
 )
 from pipeline.beam_options import configure_logging, pipeline_options
+from pipeline.dedupe import DedupeAndPair
 from pipeline.extract import extract_images
+from pipeline.filters import FilterConfig, add_filter_arguments, filter_page_refs
 from pipeline.images import ImageRejected, normalize_image
-from pipeline.pairs import PageImage, PageInfo, PairingConfig, choose_pairs, drop_duplicates, pair_row
+from pipeline.pairs import PageImage, PageInfo, PairingConfig
+from pipeline.postdecode import CheckDecodedImages
 from pipeline.records import ImageRecord, ImageRef, Page, Reject
+from pipeline.scores import ModelFilters
 from pipeline.warc import ReadLimits, SkippedRecord, read_warc
 
 LOG = logging.getLogger("magiclens.mine")
@@ -55,12 +59,12 @@ class MineConfig:
     inputs: tuple[str, ...]
     output: str
     html_parser: str = "lexbor"
-    max_images_per_page: int = 30
     context_chars: int = 300
     image: ImageConfig = field(default_factory=ImageConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     read_limits: ReadLimits = field(default_factory=ReadLimits)
     no_fetch: bool = False
+    filters: FilterConfig = field(default_factory=FilterConfig)
 
 
 @dataclass(frozen=True)
@@ -127,20 +131,20 @@ class ExtractImageRefs(beam.DoFn):
         except Exception as error:  # a parser failure is a reject, never a crash
             yield self.pages.reject(page.url, "parse_error", f"{type(error).__name__}: {error}")
             return
-        refs = found.refs[: self.config.max_images_per_page]
-        overflow = found.refs[self.config.max_images_per_page :]
-        if len(refs) < 2:
-            yield self.pages.reject(page.url, "fewer_than_2_images", f"{len(refs)} usable image reference(s)")
+        filtered = filter_page_refs(found.refs, found.lang, found.title, self.config.filters.refs)
+        if len(filtered.refs) < 2:
+            yield self.pages.reject(page.url, "fewer_than_2_images",
+                                    f"{len(filtered.refs)} usable image reference(s) of {len(found.refs)}")
             return
         self.pages.kept()
-        info = PageInfo(url=page.url, title=found.title, lang=found.lang, crawl=page.crawl)
+        info = PageInfo(url=page.url, title=found.title, lang=filtered.page_lang, crawl=page.crawl)
         for reason, detail in found.skipped:
             self.refs.received()
             yield self.refs.reject(page.url, reason, detail)
-        for ref in overflow:
+        for dropped in filtered.dropped:
             self.refs.received()
-            yield self.refs.reject(f"{page.url} {ref.url}", "over_page_cap", f"position {ref.position}")
-        for ref in refs:
+            yield self.refs.reject(f"{page.url} {dropped.ref.url}", dropped.reason, dropped.detail)
+        for ref in filtered.refs:
             self.refs.received()
             self.refs.kept()
             yield ref.url, PageRef(info, ref)
@@ -227,33 +231,12 @@ class AttachFetched(beam.DoFn):
                 yield self.images.reject(element_id, "fetch_lost", "the fetch stage returned nothing")
 
 
-class BuildPairs(beam.DoFn):
-    """(page URL, its images) -> pair rows; duplicates and pages left with one image are rejected."""
+_PAIRS_WRITTEN = beam.metrics.Metrics.counter("magiclens", "outputs.pairs")
 
-    def __init__(self, pairing: PairingConfig):
-        self.pairing = pairing
 
-    def setup(self):
-        self.page_images = StageCounters("page_images")
-        self.pair_pages = StageCounters("pair_pages")
-        self.pairs = beam.metrics.Metrics.counter("magiclens", "outputs.pairs")
-
-    def process(self, element):
-        page_url, images = element
-        images = list(images)
-        self.page_images.received(len(images))
-        self.pair_pages.received()
-        kept, dropped = drop_duplicates(images, self.pairing.near_duplicate_distance)
-        self.page_images.kept(len(kept))
-        for item, reason, detail in dropped:
-            yield self.page_images.reject(f"{page_url} {item.ref.url}", reason, detail)
-        if len(kept) < 2:
-            yield self.pair_pages.reject(page_url, "fewer_than_2_images", f"{len(kept)} image(s) left")
-            return
-        self.pair_pages.kept()
-        for query, target in choose_pairs(kept, self.pairing):
-            self.pairs.inc()
-            yield pair_row(query, target)
+def _count_written(row: dict) -> dict:
+    _PAIRS_WRITTEN.inc()
+    return row
 
 
 def _fetch_images(to_fetch, args: argparse.Namespace):
@@ -299,17 +282,20 @@ def build_pipeline(pipeline: beam.Pipeline, config: MineConfig, args: argparse.N
         )
         page_images.append(attached.page_images)
         rejects.append(attached[REJECTS_TAG])
-    paired = (
+    checked = (
         page_images
         | "AllPageImages" >> beam.Flatten()
-        | "ByPage" >> beam.GroupByKey()
-        | "Pairs" >> beam.ParDo(BuildPairs(config.pairing)).with_outputs(REJECTS_TAG, main="pairs")
+        | "CheckDecoded" >> beam.ParDo(CheckDecodedImages(config.filters.decoded)).with_outputs(REJECTS_TAG, main="images")
     )
-    rejects.append(paired[REJECTS_TAG])
-    paired.pairs | "WritePairs" >> WriteToParquet(
-        FileSystems.join(config.output, "pairs", "part"),
-        schemas.PAIRS,
-        file_name_suffix=".parquet",
+    paired = checked.images | "DedupeAndPair" >> DedupeAndPair(config.pairing, config.filters.dedupe)
+    scored = paired["pairs"] | "ModelFilters" >> ModelFilters(config.filters)
+    rejects += [checked[REJECTS_TAG], paired["rejects"], scored["rejects"]]
+    (
+        scored["pairs"]
+        | "CountPairs" >> beam.Map(_count_written)
+        | "WritePairs" >> WriteToParquet(
+            FileSystems.join(config.output, "pairs", "part"), schemas.PAIRS, file_name_suffix=".parquet"
+        )
     )
     (
         rejects
@@ -336,8 +322,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     extract = parser.add_argument_group("extraction")
     extract.add_argument("--html-parser", choices=["lexbor", "bs4"], default="lexbor",
                          help="HTML parser: selectolax/Lexbor (fast, default) or BeautifulSoup")
-    extract.add_argument("--max-images-per-page", type=int, default=30, metavar="N",
-                         help="keep the first N image references of a page, in page order (default 30)")
     extract.add_argument("--context-chars", type=int, default=300, metavar="N",
                          help="cap on the nearby text kept per image (default 300)")
     images = parser.add_argument_group("images")
@@ -351,6 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pairing.add_argument("--pairs-per-page", type=int, default=4, help="at most this many pairs per page (default 4)")
     pairing.add_argument("--both-directions", action="store_true",
                          help="also write (target, query) for each chosen (query, target)")
+    add_filter_arguments(parser)
     try:
         from pipeline.fetch import add_fetch_arguments
     except ImportError:
@@ -360,7 +345,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> MineConfig:
     positive = {
-        "--max-images-per-page": args.max_images_per_page,
         "--max-side": args.max_side,
         "--pairs-per-page": args.pairs_per_page,
         "--context-chars": args.context_chars,
@@ -378,11 +362,11 @@ def config_from_args(args: argparse.Namespace) -> MineConfig:
         inputs=tuple(args.input),
         output=args.output,
         html_parser=args.html_parser,
-        max_images_per_page=args.max_images_per_page,
         context_chars=args.context_chars,
         image=ImageConfig(args.max_side, args.min_side, args.max_aspect, args.jpeg_quality),
         pairing=PairingConfig(args.near_duplicate_distance, args.pairs_per_page, args.both_directions),
         no_fetch=args.no_fetch,
+        filters=FilterConfig.from_args(args),
     )
 
 

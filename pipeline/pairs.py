@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from pipeline.records import ImageRef, NormalizedImage
@@ -68,32 +69,56 @@ def pair_id(page_url: str, query_sha256: str, target_sha256: str) -> str:
     return stable_hash(page_url, query_sha256, target_sha256)
 
 
-def _has_text(item: PageImage) -> bool:
-    return bool(item.ref.alt.strip() or item.ref.title.strip() or item.ref.context.strip())
+_WORD = re.compile(r"[^\W\d_]{2,}")
+# Distinct words counted per field; beyond this more text adds nothing to the ranking.
+_WORDS_CAP = 12
+
+
+def text_informativeness(ref: ImageRef) -> int:
+    """How much an instruction could be written from an image's text: distinct words, alt first.
+
+    Alt and title (written about the image) count twice, nearby text once. The text was already
+    cleaned of boilerplate ("image", file names) by pipeline/filters.py.
+    """
+    described = {word.lower() for word in _WORD.findall(f"{ref.alt} {ref.title}")}
+    nearby = {word.lower() for word in _WORD.findall(ref.context)} - described
+    return 2 * min(len(described), _WORDS_CAP) + min(len(nearby), _WORDS_CAP)
 
 
 def choose_pairs(images: list[PageImage], config: PairingConfig) -> list[tuple[PageImage, PageImage]]:
-    """Ordered (query, target) pairs of distinct images, at most `pairs_per_page`.
+    """Ordered (query, target) pairs of distinct images, at most `pairs_per_page`, deterministic.
 
-    Each unordered pair is considered once; its direction and its rank come from a hash of the page
-    URL and both image hashes, so the same input always gives the same pairs. Pairs whose target
-    carries text (alt, title or context: what an instruction is written from) come first.
+    Each unordered pair is considered once. The side with the more informative text is the target
+    (the instruction is written from it); ties are broken by a hash of the page URL and both image
+    hashes. Pairs are ranked by the target's text, then the query's, then that hash; they are
+    taken greedily, preferring at each step pairs whose images are in the fewest pairs chosen so
+    far, so that a page's pairs spread over its images instead of all sharing the best one. The
+    order of `images` does not matter: the same images always give the same pairs.
     """
+    informativeness = {id(item): text_informativeness(item.ref) for item in images}
     candidates = []
     for i, first in enumerate(images):
         for second in images[i + 1 :]:
-            page_url = first.page.url
-            key = stable_hash(page_url, *sorted((first.image.sha256, second.image.sha256)))
+            key = stable_hash(first.page.url, *sorted((first.image.sha256, second.image.sha256)))
             query, target = (first, second) if int(key[-1], 16) % 2 == 0 else (second, first)
-            if not _has_text(target) and _has_text(query):
+            if informativeness[id(query)] > informativeness[id(target)]:
                 query, target = target, query
-            rank = (not _has_text(target), not _has_text(query), key)
+            rank = (-informativeness[id(target)], -informativeness[id(query)], key)
             candidates.append((rank, query, target))
     candidates.sort(key=lambda item: item[0])
+    uses: dict[str, int] = {}
     chosen: list[tuple[PageImage, PageImage]] = []
-    for _, query, target in candidates:
-        if len(chosen) >= config.pairs_per_page:
-            break
+    while candidates and len(chosen) < config.pairs_per_page:
+        best = min(
+            range(len(candidates)),
+            key=lambda n: (
+                max(uses.get(candidates[n][1].image.sha256, 0), uses.get(candidates[n][2].image.sha256, 0)),
+                candidates[n][0],
+            ),
+        )
+        _, query, target = candidates.pop(best)
+        for item in (query, target):
+            uses[item.image.sha256] = uses.get(item.image.sha256, 0) + 1
         chosen.append((query, target))
         if config.both_directions and len(chosen) < config.pairs_per_page:
             chosen.append((target, query))

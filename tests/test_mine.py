@@ -56,7 +56,7 @@ def test_mining_the_shared_warcs_balances_every_stage(mined):
     assert stages["warc_files"]["in"] == 13  # 11 web archives + 2 Common Crawl WARCs (*.warc.gz)
     # Common Crawl pages point at images on the web: without fetching they are not in the input
     assert stages["images"]["rejected"]["not_in_input"] > 0
-    assert stages["outputs"]["pairs"] > 50
+    assert stages["outputs"]["pairs"] >= 5
 
 
 def test_pairs_follow_the_schema_and_hold_two_distinct_decodable_images(mined):

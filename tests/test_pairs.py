@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from pipeline.images import normalize_image
-from pipeline.pairs import PageImage, PageInfo, PairingConfig, choose_pairs, drop_duplicates, pair_row
+from pipeline.pairs import (
+    PageImage,
+    PageInfo,
+    PairingConfig,
+    choose_pairs,
+    drop_duplicates,
+    pair_row,
+    text_informativeness,
+)
 from pipeline.records import ImageRef
 
 PAGE = PageInfo(url="http://example.org/gallery", title="Gallery", lang="en", crawl="test")
@@ -53,3 +61,21 @@ def test_pairs_are_deterministic_distinct_and_capped(shared_data):
     assert all(r["target_alt"] for r in first[:3])  # targets with text come first
     both = choose_pairs(items, PairingConfig(pairs_per_page=4, both_directions=True))
     assert (both[0][1], both[0][0]) == both[1]
+
+
+def test_targets_carry_the_more_informative_text_and_pairs_spread_over_the_images(shared_data):
+    photos = shared_data / "images/photos/skimage"
+    described = page_image(photos / "astronaut.png", 0, alt="An astronaut in a white suit beside the flag")
+    named = page_image(photos / "coffee.png", 1, alt="coffee")
+    captioned = PageImage(PAGE, ImageRef(url="http://example.org/chelsea.png", alt="", title="",
+                                         context="Chelsea the cat sleeps on the sofa", width=None, height=None,
+                                         position=2, source="src"),
+                          normalize_image((photos / "chelsea.png").read_bytes()))
+    bare = page_image(photos / "rocket.jpg", 3)
+    items = [bare, named, captioned, described]
+    pairs = choose_pairs(items, PairingConfig(pairs_per_page=2))
+    assert pairs[0][1] is described and pairs[0][0] is captioned
+    assert pairs[1] == (bare, named)  # the two images not used yet, the named one as the target
+    for query, target in pairs:
+        assert text_informativeness(target.ref) >= text_informativeness(query.ref)
+    assert choose_pairs(list(reversed(items)), PairingConfig(pairs_per_page=2)) == pairs

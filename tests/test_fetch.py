@@ -1,0 +1,617 @@
+"""The fetch stage: address guard, manners, limits, cache and the Beam transform.
+
+Plain functions are tested directly. The HTTP tests start real servers on loopback (tests/fetch_server.py)
+serving the real images of ../shared/data/images. A test that could send a packet anywhere else (redirects
+to the metadata server, to 127.0.0.2, names that resolve to forbidden addresses) runs again inside a private
+network namespace (`unshare -rn`, then `ip link set lo up`) where only loopback exists, with
+127.0.0.1/32 as the only allowed range and a second server on 127.0.0.2 proving that nothing reaches it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from xml.etree import ElementTree
+
+import apache_beam as beam
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from multidict import CIMultiDict, CIMultiDictProxy
+from PIL import Image
+from yarl import URL
+
+from fetch_server import SiteServer
+from pipeline.fetch import (
+    FETCHED_TAG,
+    FetchConfig,
+    FetchImages,
+    FetchRefused,
+    FetchWorker,
+    ImageCache,
+    add_fetch_arguments,
+    checked_url,
+    decode_cache_entry,
+    encode_cache_entry,
+    host_shard,
+    image_header_refusal,
+    is_retryable_status,
+    looks_like_html,
+    parse_retry_after,
+    redirect_target,
+    retry_delay,
+)
+from pipeline.images import normalize_image
+from pipeline.netguard import ForbiddenAddress, GuardedResolver, address_refusal, parse_allowed_networks
+from pipeline.records import Reject
+from pipeline.robots import (
+    parse_robots,
+    parse_tdmrep,
+    path_matches,
+    robots_meta_opt_out,
+    tdm_reserved,
+    tdm_rule_for,
+    x_robots_opt_out,
+)
+
+LOOPBACK_ONLY = ("127.0.0.1/32",)
+GOOD_IMAGES = [
+    "photos/skimage/rocket.jpg",
+    "photos/skimage/coffee.png",
+    "photos/skimage/chelsea.png",
+    "photos/matplotlib/grace_hopper.jpg",
+    *(f"neardup/imagededup-ukbench/base_images/ukbench{n}.jpg"
+      for n in ("00120", "01380", "08976", "08996", "09012", "09040")),
+]
+IN_PRIVATE_NETWORK = os.environ.get("MAGICLENS_TEST_PRIVATE_NETWORK") == "1"
+
+
+def short_limits(**overrides) -> FetchConfig:
+    """Short limits so that the hostile endpoints end quickly; only 127.0.0.1 allowed."""
+    settings = dict(allow_private=LOOPBACK_ONLY, timeout=1.0, deadline=2.0, backoff=0.05, max_bytes=2 * 1024 * 1024)
+    settings.update(overrides)
+    return FetchConfig(**settings)
+
+
+# ------------------------------------------------------------------------------------------
+# Addresses
+
+
+@pytest.mark.parametrize(
+    "address, kind",
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.0.0.2", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("169.254.169.254", "link-local"),  # the cloud metadata server
+        ("100.64.0.1", "carrier-grade NAT"),
+        ("224.0.0.1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("240.0.0.1", "private"),  # reserved, which Python also files as private
+        ("255.255.255.255", "private"),
+        ("::1", "loopback"),
+        ("::", "unspecified"),
+        ("fe80::1", "link-local"),
+        ("fc00::1", "private"),
+        ("ff02::1", "multicast"),
+        ("2001:db8::1", "private"),  # documentation range
+        ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped
+        ("::ffff:169.254.169.254", "link-local"),
+        ("2002:7f00:1::1", "loopback"),  # 6to4 of 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
+        ("fe80::1%eth0", "link-local"),  # with a zone index
+    ],
+)
+def test_non_public_addresses_are_refused(address, kind):
+    refusal = address_refusal(address)
+    assert refusal is not None and refusal.startswith(kind), refusal
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+def test_public_addresses_pass(address):
+    assert address_refusal(address) is None
+
+
+def test_allowed_ranges_let_through_only_what_they_name():
+    allowed = parse_allowed_networks(["127.0.0.1/32"])
+    assert address_refusal("127.0.0.1", allowed) is None
+    assert address_refusal("::ffff:127.0.0.1", allowed) is None
+    assert address_refusal("127.0.0.2", allowed).startswith("loopback")
+    assert address_refusal("::1", allowed).startswith("loopback")
+    assert address_refusal("not an address", allowed) is not None
+    with pytest.raises(ValueError, match="--fetch-allow-private 'localhost'.*CIDR"):
+        parse_allowed_networks(["localhost"])
+
+
+class StaticResolver:
+    """Host names mapped to addresses, as aiohttp's resolvers return them."""
+
+    def __init__(self, names: dict[str, list[str]]):
+        self.names = names
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        if host not in self.names:
+            raise OSError(f"unknown host {host}")
+        return [
+            {"hostname": host, "host": address, "port": port, "proto": 0, "flags": socket.AI_NUMERICHOST,
+             "family": socket.AF_INET6 if ":" in address else socket.AF_INET}
+            for address in self.names[host]
+        ]
+
+    async def close(self):
+        pass
+
+
+def test_guarded_resolver_keeps_only_allowed_addresses():
+    names = {
+        "mixed.test": ["10.0.0.7", "127.0.0.1", "169.254.169.254"],
+        "metadata.test": ["169.254.169.254", "fd00:ec2::254"],
+        "public.test": ["93.184.216.34"],
+    }
+    resolver = GuardedResolver(StaticResolver(names), parse_allowed_networks(LOOPBACK_ONLY))
+
+    async def resolve(host):
+        return [result["host"] for result in await resolver.resolve(host, 80)]
+
+    assert asyncio.run(resolve("mixed.test")) == ["127.0.0.1"]
+    assert asyncio.run(resolve("public.test")) == ["93.184.216.34"]
+    with pytest.raises(ForbiddenAddress, match="metadata.test resolves to no public address.*link-local"):
+        asyncio.run(resolve("metadata.test"))
+
+
+def test_urls_and_redirect_targets_are_checked():
+    allowed = parse_allowed_networks(LOOPBACK_ONLY)
+    assert checked_url("http://127.0.0.1:8080/a.jpg#frag", allowed) == URL("http://127.0.0.1:8080/a.jpg")
+    refusals = {
+        "ftp://example.org/a.jpg": "invalid_url",
+        "javascript:alert(1)": "invalid_url",
+        "http:///a.jpg": "invalid_url",
+        "http://example.org:99999/a.jpg": "invalid_url",
+        "http://169.254.169.254/latest/meta-data/": "private_address",
+        "http://[::1]/": "private_address",
+        "http://[::ffff:127.0.0.2]:80/": "private_address",
+    }
+    for url, reason in refusals.items():
+        with pytest.raises(FetchRefused) as refused:
+            checked_url(url, allowed)
+        assert refused.value.reason == reason, url
+    base = URL("http://127.0.0.1:8080/img/a.jpg")
+    assert redirect_target(base, "../b.jpg", allowed) == URL("http://127.0.0.1:8080/b.jpg")
+    for location, reason in [(None, "bad_redirect"), ("gopher://x/", "bad_redirect"),
+                             ("http://10.0.0.1/", "private_address"), ("//169.254.169.254/x", "private_address")]:
+        with pytest.raises(FetchRefused) as refused:
+            redirect_target(base, location, allowed)
+        assert refused.value.reason == reason, location
+
+
+def test_host_shards_keep_a_host_together():
+    shards = 64
+    assert host_shard("http://Example.org/a.jpg", shards) == host_shard("https://example.org:8443/b/c.png", shards)
+    assert len({host_shard(f"http://site{n}.org/x.jpg", shards) for n in range(200)}) > shards // 2
+    assert 0 <= host_shard("http://[::1", shards) < shards  # unparsable: still a shard, never an error
+
+
+# ------------------------------------------------------------------------------------------
+# robots.txt, opt-out headers and tags, TDMRep
+
+
+def test_robots_txt_group_for_our_token_wins_over_star():
+    policy = parse_robots(
+        "User-agent: *\nDisallow: /\n\n"
+        "User-agent: MagicLens/0.1 (+https://example.org)\nDisallow: /private/\nCrawl-delay: 2.5\n"
+    )
+    assert policy.allows("/img/a.jpg") and not policy.allows("/private/a.jpg")
+    assert policy.crawl_delay == 2.5
+    star_only = parse_robots("User-agent: otherbot\nDisallow: /\n\nUser-agent: *\nDisallow: /cgi-bin/\n")
+    assert star_only.allows("/img/a.jpg") and not star_only.allows("/cgi-bin/x")
+    assert parse_robots("").allows("/anything") and parse_robots("User-agent: otherbot\nDisallow: /\n").allows("/x")
+
+
+def test_robots_txt_rules_longest_match_wildcards_and_grouping():
+    policy = parse_robots(
+        "Disallow: /before-any-group\n"  # belongs to no group: ignored
+        "User-agent: magiclens\nUser-agent: otherbot\n"  # one group, two agents
+        "Disallow: /photos/\nAllow: /photos/public/\n"
+        "Disallow: /*.gif$\nDisallow: /tmp*/cache\nAllow: /same\nDisallow: /same\nDisallow:\n"
+        "\nUser-agent: magiclens\nDisallow: /second-group/\n"  # groups for one agent combine
+        "Sitemap: https://example.org/sitemap.xml\n"
+    )
+    assert policy.allows("/before-any-group")
+    assert not policy.allows("/photos/a.jpg") and policy.allows("/photos/public/a.jpg")
+    assert not policy.allows("/x/y.gif") and policy.allows("/x/y.gif?size=2")
+    assert not policy.allows("/tmp-1/cache/a.png") and policy.allows("/tmp-1/other")
+    assert policy.allows("/same")  # an Allow and a Disallow of equal length: Allow wins
+    assert not policy.allows("/second-group/a.jpg")
+    assert policy.allows("/robots.txt")
+
+
+def test_robots_txt_percent_encoding_and_non_ascii_compare_alike():
+    policy = parse_robots("User-agent: *\nDisallow: /bilder/größe\nDisallow: /a%3cb\n")
+    assert not policy.allows("/bilder/gr%C3%B6%C3%9Fe.jpg")
+    assert not policy.allows("/a%3Cb")
+
+
+def test_hostile_robots_pattern_is_matched_without_backtracking_blowup():
+    pattern = "/" + "a*" * 40 + "b"
+    assert not path_matches(pattern, "/" + "a" * 5000)
+    assert path_matches(pattern, "/" + "a" * 5000 + "b")
+    assert path_matches("/x$", "/x") and not path_matches("/x$", "/xy")
+
+
+def test_x_robots_tag_ai_opt_outs_for_us_and_not_for_others():
+    assert x_robots_opt_out(["noai"]) == "noai"
+    assert x_robots_opt_out(["noindex, NoImageAI"]) == "noimageai"
+    assert x_robots_opt_out(["magiclens: noai"]) == "noai"
+    assert x_robots_opt_out(["otherbot: noai, noimageai"]) is None
+    assert x_robots_opt_out(["noindex, otherbot: noai"]) is None
+    assert x_robots_opt_out(["unavailable_after: 25 Jun 2010 15:00:00 PST", "noai"]) == "noai"
+    assert x_robots_opt_out(["max-image-preview: large, noarchive"]) is None
+    assert x_robots_opt_out([]) is None
+    assert robots_meta_opt_out("noindex,noai") == "noai"
+    assert robots_meta_opt_out("NOIMAGEAI") == "noimageai"
+    assert robots_meta_opt_out("index, follow") is None
+
+
+def test_tdmrep_rules_and_header_values():
+    rules = parse_tdmrep(
+        '[{"location": "/photos/*", "tdm-reservation": 1, "tdm-policy": "https://example.org/p.json"},'
+        ' {"location": "/photos/free/*", "tdm-reservation": 0},'
+        ' {"location": "news/*", "tdm-reservation": "1"},'
+        ' {"location": 7, "tdm-reservation": 1}, "junk", {"location": "/x", "tdm-reservation": 2}]'
+    )
+    assert [rule.location for rule in rules] == ["/photos/*", "/photos/free/*", "/news/*"]
+    assert tdm_rule_for(rules, "/photos/free/a.jpg").reserved  # the first matching rule applies
+    assert tdm_rule_for(rules, "/photos/a.jpg").policy == "https://example.org/p.json"
+    assert tdm_rule_for(rules, "/news/a.jpg").reserved
+    assert tdm_rule_for(rules, "/other/a.jpg") is None
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_tdmrep("<html>")
+    with pytest.raises(ValueError, match="array"):
+        parse_tdmrep('{"location": "/"}')
+    assert tdm_reserved(" 1 ") and not tdm_reserved("0") and not tdm_reserved(None)
+
+
+# ------------------------------------------------------------------------------------------
+# Retries, headers and bodies
+
+
+def test_retry_policy():
+    assert all(is_retryable_status(status) for status in (408, 429, 500, 502, 503, 504))
+    assert not any(is_retryable_status(status) for status in (200, 301, 400, 403, 404, 410))
+    assert [retry_delay(n, backoff=0.5, retry_after=None, max_retry_after=30) for n in range(3)] == [0.5, 1.0, 2.0]
+    assert retry_delay(0, backoff=0.5, retry_after=7, max_retry_after=30) == 7
+    assert retry_delay(0, backoff=0.5, retry_after=3600, max_retry_after=30) is None  # never sooner than asked
+    assert parse_retry_after("120") == 120
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490.0) == 0.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def headers(**values) -> CIMultiDictProxy:
+    multi = CIMultiDict()
+    for name, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            multi.add(name.replace("_", "-"), item)
+    return CIMultiDictProxy(multi)
+
+
+def test_image_header_refusals():
+    cap = 1000
+    assert image_header_refusal(headers(Content_Type="image/jpeg", Content_Length="999"), cap) is None
+    assert image_header_refusal(headers(X_Robots_Tag=["noindex", "noimageai"]), cap)[0] == "noai"
+    assert image_header_refusal(headers(X_Robots_Tag="otherbot: noai"), cap) is None
+    assert image_header_refusal(headers(tdm_reservation="1", tdm_policy="https://p"), cap) == (
+        "tdm", "tdm-reservation: 1 header (tdm-policy https://p)")
+    assert image_header_refusal(headers(tdm_reservation="0"), cap) is None
+    assert image_header_refusal(headers(Content_Length="1001"), cap)[0] == "too_large"
+    assert image_header_refusal(headers(Content_Type="text/html; charset=utf-8"), cap)[0] == "not_image"
+
+
+def test_html_is_told_from_real_images(shared_data):
+    pages = sorted((shared_data / "html").glob("*/*.html.gz"))[:20]
+    assert len(pages) == 20
+    assert all(looks_like_html(gzip.decompress(page.read_bytes())) for page in pages)
+    suffixes = (".jpg", ".png", ".gif", ".webp", ".bmp")
+    images = [path for path in (shared_data / "images").rglob("*") if path.suffix.lower() in suffixes]
+    assert len(images) > 40
+    assert not any(looks_like_html(path.read_bytes()) for path in images)
+
+
+# ------------------------------------------------------------------------------------------
+# Configuration and command line
+
+
+def test_command_line_options_build_the_config():
+    parser = argparse.ArgumentParser()
+    add_fetch_arguments(parser)
+    parser.add_argument("--max-side", type=int, default=512)  # declared by `mine`, read by from_args
+    args = parser.parse_args([
+        "--fetch-per-host", "3", "--fetch-concurrency", "16", "--fetch-timeout", "5", "--fetch-deadline", "30",
+        "--fetch-max-bytes", "1000000", "--fetch-retries", "1", "--fetch-allow-private", "127.0.0.1/32",
+        "--fetch-allow-private", "10.0.0.0/8", "--image-cache", "gs://bucket/cache", "--max-side", "256",
+        "--user-agent", "magiclens/0.1 (+https://example.org/bot; bot@example.org)",
+    ])
+    config = FetchConfig.from_args(args)
+    assert (config.per_host, config.concurrency, config.timeout, config.deadline) == (3, 16, 5.0, 30.0)
+    assert (config.max_bytes, config.retries, config.max_side) == (1_000_000, 1, 256)
+    assert config.allow_private == ("127.0.0.1/32", "10.0.0.0/8")
+    assert config.image_cache == "gs://bucket/cache"
+    defaults = FetchConfig.from_args(parser.parse_args([]))
+    assert (defaults.per_host, defaults.max_bytes, defaults.max_redirects) == (2, 20 * 1024 * 1024, 5)
+    assert defaults.allow_private == () and defaults.image_cache is None
+    assert "magiclens" in defaults.user_agent and "https://" in defaults.user_agent
+    help_text = parser.format_help()
+    for option in ("--fetch-per-host", "--fetch-deadline", "--fetch-allow-private", "--image-cache", "--user-agent"):
+        assert option in help_text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--user-agent", "Mozilla/5.0"], "must contain 'magiclens'"),
+        (["--fetch-allow-private", "my-laptop"], "is not an address range"),
+        (["--fetch-per-host", "0"], "--fetch-per-host must be at least 1"),
+        (["--fetch-deadline", "0"], "--fetch-deadline must be more than 0"),
+    ],
+)
+def test_bad_options_are_refused_with_a_message(argv, message):
+    parser = argparse.ArgumentParser()
+    add_fetch_arguments(parser)
+    with pytest.raises(SystemExit, match=message):
+        FetchConfig.from_args(parser.parse_args(argv))
+
+
+# ------------------------------------------------------------------------------------------
+# Image cache
+
+
+def test_cache_entries_round_trip_and_refuse_damage(shared_data, tmp_path):
+    image = normalize_image((shared_data / "images/photos/skimage/rocket.jpg").read_bytes())
+    url = "http://example.org/rocket.jpg"
+    entry = encode_cache_entry(url, image)
+    assert decode_cache_entry(entry, url) == image
+    assert decode_cache_entry(entry[:-10], url) is None  # cut short by a crash
+    assert decode_cache_entry(entry, "http://example.org/other.jpg") is None
+    assert decode_cache_entry(b"garbage", url) is None and decode_cache_entry(b"123\nxyz", url) is None
+    cache = ImageCache(str(tmp_path / "cache"), "max_side=512")
+    assert cache.get(url) is None
+    cache.put(url, image)
+    assert cache.get(url) == image
+    assert ImageCache(str(tmp_path / "cache"), "max_side=256").get(url) is None  # other settings, other entry
+
+
+# ------------------------------------------------------------------------------------------
+# HTTP against real servers
+
+
+# Outputs of the in-process pipelines, by run: Beam pickles the DoFns, so they append through this module.
+COLLECTED: dict[str, list] = {}
+
+
+def collect_into(element, key: str) -> None:
+    COLLECTED[key].append(element)
+
+
+def run_fetch_pipeline(urls: list[str], config: FetchConfig) -> tuple[dict, list[Reject], dict]:
+    """FetchImages on Beam's in-process runner: (images by URL, rejects, fetch counters)."""
+    run = f"run-{len(COLLECTED)}"
+    fetched = COLLECTED[f"{run}-fetched"] = []
+    rejects = COLLECTED[f"{run}-rejects"] = []
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    results = pipeline | beam.Create(urls) | FetchImages(config)
+    results[FETCHED_TAG] | "KeepImages" >> beam.Map(collect_into, f"{run}-fetched")
+    results["rejects"] | "KeepRejects" >> beam.Map(collect_into, f"{run}-rejects")
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {
+        counter.key.metric.name: counter.committed
+        for counter in result.metrics().query(MetricsFilter().with_namespace("magiclens"))["counters"]
+    }
+    images = dict(fetched)
+    assert len(images) == len(fetched), "one output per URL"
+    return images, rejects, counters
+
+
+def test_fetch_images_in_beam_keeps_good_images_politely(shared_data):
+    images_dir = shared_data / "images"
+    with SiteServer(images_dir, delay=0.05) as site:
+        urls = [f"{site.base}/img/{name}" for name in GOOD_IMAGES]
+        images, rejects, counters = run_fetch_pipeline(urls, short_limits(per_host=2, host_interval=0.0))
+        assert rejects == []
+        assert sorted(images) == sorted(urls)
+        for name in GOOD_IMAGES:
+            image = images[f"{site.base}/img/{name}"]
+            original = (images_dir / name).read_bytes()
+            assert image.sha256 == hashlib.sha256(original).hexdigest()
+            with Image.open(io.BytesIO(image.jpeg)) as decoded:
+                assert decoded.format == "JPEG" and max(decoded.size) <= 512
+        assert site.count("/robots.txt") == 1  # read once for the site
+        assert site.max_in_flight == 2  # two at once, never more
+        assert all("magiclens" in agent for agent in site.user_agents)
+        assert counters["fetch.in"] == counters["fetch.out"] == len(urls)
+
+
+def test_crawl_delay_spaces_the_requests_to_a_host(shared_data):
+    robots = "User-agent: magiclens\nCrawl-delay: 0.5\nDisallow: /private/\n"
+    with SiteServer(shared_data / "images", delay=0.02, robots_txt=robots) as site:
+        worker = FetchWorker(short_limits(per_host=4, host_interval=0.0))
+        worker.start()
+        try:
+            urls = [f"{site.base}/img/{name}" for name in GOOD_IMAGES[:3]]
+            outcomes = list(worker.fetch(urls, wait_for_all=True))
+        finally:
+            worker.stop()
+        assert not [outcome for outcome in outcomes if isinstance(outcome, Reject)]
+        # 0.5 s between starts, 0.02 s answers: the requests never overlap, despite 4 slots
+        assert site.max_in_flight == 1 and site.count("/img/") == 3
+
+
+def test_image_cache_rerun_sends_no_request_for_cached_images(shared_data, tmp_path):
+    config = short_limits(image_cache=str(tmp_path / "image-cache"))
+    with SiteServer(shared_data / "images") as site:
+        good = [f"{site.base}/img/{name}" for name in GOOD_IMAGES[:5]]
+        missing = f"{site.base}/img/no-such-photo.jpg"
+        first, first_rejects, _ = run_fetch_pipeline([*good, missing], config)
+        assert sorted(first) == sorted(good)
+        assert [(reject.element_id, reject.reason) for reject in first_rejects] == [(missing, "http_404")]
+        requests_before = site.counts()
+
+        second, second_rejects, counters = run_fetch_pipeline([*good, missing], config)
+        new_requests = site.counts() - requests_before
+        assert not any(path.startswith("/img/photos") or path.startswith("/img/neardup") for path in new_requests)
+        assert new_requests["/img/no-such-photo.jpg"] == 1  # failures are not cached: asked again
+        assert second == first
+        assert counters["fetch.cache_hits"] == len(good)
+        assert [reject.reason for reject in second_rejects] == ["http_404"]
+
+
+# ------------------------------------------------------------------------------------------
+# Inside a private network namespace
+
+
+PRIVATE_NETWORK_TESTS = "in_private_network"  # the tests whose names hold this run in the namespace
+
+
+@pytest.fixture(scope="module")
+def private_network_failures(tmp_path_factory) -> dict[str, str] | None:
+    """Outside the namespace: this file's private-network tests, run once inside a new network namespace
+    where only loopback exists; their failures by test name. Inside it: None."""
+    if IN_PRIVATE_NETWORK:
+        assert [name for _, name in socket.if_nameindex()] == ["lo"], "not in a private network namespace"
+        return None
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode:
+        pytest.skip("needs `unshare -rn` (user and network namespaces) to run where no packet can leave")
+    report = tmp_path_factory.mktemp("private-network") / "report.xml"
+    command = [
+        "unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$0" -m pytest -q -p no:cacheprovider "$@"',
+        sys.executable, __file__, "-k", PRIVATE_NETWORK_TESTS, f"--junitxml={report}",
+    ]
+    environment = {**os.environ, "MAGICLENS_TEST_PRIVATE_NETWORK": "1"}
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600,
+                              cwd=Path(__file__).resolve().parent.parent)
+    if not report.exists():
+        pytest.fail(f"the private-network run failed to start:\n{finished.stdout[-4000:]}{finished.stderr[-4000:]}")
+    failures = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        problems = [*case.iter("failure"), *case.iter("error")]  # an Element without children is falsy: no `or`
+        failures[case.get("name")] = "\n".join(p.text or p.get("message", "failed") for p in problems) or None
+    return failures
+
+
+def ran_inside(failures: dict[str, str] | None, test_name: str) -> bool:
+    """Outside the namespace: assert that `test_name` passed inside it, and return True."""
+    if failures is None:
+        return False
+    assert test_name in failures, f"{test_name} did not run in the private network"
+    assert failures[test_name] is None, failures[test_name][-6000:]
+    return True
+
+
+HOSTILE_CASES = {
+    "/private/photos/skimage/rocket.jpg": "robots",
+    "/noai/photos/skimage/rocket.jpg": "noai",
+    "/noimageai-for-us/photos/skimage/rocket.jpg": "noai",
+    "/tdm-header/photos/skimage/rocket.jpg": "tdm",
+    "/tdm-reserved/photos/skimage/rocket.jpg": "tdm",
+    "/error-500": "http_500",
+    "/no-such-page.jpg": "http_404",
+    "/html-as-jpeg": "not_image",
+    "/slow-drip": "timeout",
+    "/declared-huge": "too_large",
+    "/endless": "too_large",
+    "/gzip-bomb": "too_large",
+    "/pixel-bomb.png": "decompression_bomb",
+    "/redirect-loop/0": "too_many_redirects",
+    "/img/photos/skimage/microaneurysms.png": "too_small",
+    "/img/edgecases/imagededup_ukbench09268_corrupt.jpg": "not_image",
+    "/redirect?to=http://169.254.169.254/latest/meta-data/": "private_address",
+    "/redirect?to=/private/photos/skimage/coffee.png": "robots",
+}
+
+
+def test_hostile_endpoints_each_rejected_with_their_reason_in_private_network(shared_data, private_network_failures,
+                                                                              request):
+    if ran_inside(private_network_failures, request.node.name):
+        return
+    with SiteServer(shared_data / "images") as site, SiteServer(shared_data / "images", host="127.0.0.2") as forbidden:
+        base = site.base
+        cases = {f"{base}{path}": reason for path, reason in HOSTILE_CASES.items()}
+        cases.update({
+            f"{base}/redirect?to={forbidden.base}/img/photos/skimage/rocket.jpg": "private_address",
+            f"{base}/redirect?to=http://[::ffff:127.0.0.2]:{forbidden.port}/img/photos/skimage/rocket.jpg":
+                "private_address",
+            f"{forbidden.base}/img/photos/skimage/rocket.jpg": "private_address",
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/": "private_address",
+            "http://[fd00:ec2::254]/latest/meta-data/": "private_address",
+            "ftp://127.0.0.1/rocket.jpg": "invalid_url",
+        })
+        good = {
+            f"{base}/img/photos/skimage/rocket.jpg",
+            f"{base}/flaky/photos/skimage/chelsea.png",  # 429 with Retry-After: 1, then the image
+            f"{base}/noai-for-otherbot/photos/skimage/coffee.png",
+            f"{base}/redirect?to=/img/photos/matplotlib/grace_hopper.jpg",
+        }
+        images, rejects, counters = run_fetch_pipeline(sorted({*cases, *good}), short_limits(retries=2))
+
+        assert set(images) == good
+        reasons = {reject.element_id: reject.reason for reject in rejects}
+        assert len(reasons) == len(rejects) == len(cases)
+        wrong = {url: (reasons.get(url), reason) for url, reason in cases.items() if reasons.get(url) != reason}
+        assert reasons == cases, wrong
+        assert all(reject.stage == "fetch" and reject.detail for reject in rejects)
+
+        assert forbidden.paths == []  # nothing reached 127.0.0.2
+        assert not [path for path in site.paths if path.startswith("/private/")]  # nor a disallowed path
+        assert site.counts()["/robots.txt"] == 1 and site.counts()["/.well-known/tdmrep.json"] == 1
+        assert site.counts()["/flaky/photos/skimage/chelsea.png"] == 2
+        assert site.counts()["/error-500"] == 3  # one try and two retries
+        assert site.counts()["/no-such-page.jpg"] == 1  # a 404 is not retried
+        assert site.max_in_flight <= 2
+        assert counters["fetch.in"] == counters["fetch.out"] + sum(
+            value for name, value in counters.items() if name.startswith("fetch.rejected."))
+        assert counters["fetch.rejected.private_address"] == list(cases.values()).count("private_address")
+
+
+def test_host_names_connect_only_to_the_checked_address_in_private_network(shared_data, private_network_failures,
+                                                                           request):
+    if ran_inside(private_network_failures, request.node.name):
+        return
+    names = StaticResolver({
+        "good.test": ["127.0.0.1"],
+        "evil.test": ["127.0.0.2"],
+        "metadata.test": ["169.254.169.254"],
+        "mixed.test": ["127.0.0.2", "10.0.0.1", "127.0.0.1"],
+    })
+    with SiteServer(shared_data / "images") as site, SiteServer(shared_data / "images", host="127.0.0.2") as forbidden:
+        port = site.port
+        urls = {
+            f"http://good.test:{port}/img/photos/skimage/rocket.jpg": None,
+            f"http://mixed.test:{port}/img/photos/skimage/coffee.png": None,
+            f"http://evil.test:{forbidden.port}/img/photos/skimage/rocket.jpg": "private_address",
+            "http://metadata.test/latest/meta-data/": "private_address",
+            f"http://good.test:{port}/redirect?to=http://evil.test:{forbidden.port}/img/photos/skimage/rocket.jpg":
+                "private_address",
+            f"http://unknown.test:{port}/a.jpg": "dns_error",
+        }
+        worker = FetchWorker(short_limits(), inner_resolver=names)
+        worker.start()
+        try:
+            outcomes = {getattr(o, "url", None) or o.element_id: o for o in worker.fetch(list(urls), wait_for_all=True)}
+        finally:
+            worker.stop()
+        for url, reason in urls.items():
+            outcome = outcomes[url]
+            assert getattr(outcome, "reason", None) == reason, (url, outcome)
+        assert forbidden.paths == []
+        assert {"/img/photos/skimage/rocket.jpg", "/img/photos/skimage/coffee.png"} <= set(site.paths)
