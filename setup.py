@@ -16,6 +16,7 @@ setup(
         "selectolax>=0.3.21",  # Lexbor HTML parser: the default extractor
         "beautifulsoup4>=4.12",  # the alternative extractor (--html-parser bs4)
         "html5lib>=1.1",  # HTML5 tree building for bs4, so that both parsers see one tree
+        "webencodings>=0.5",  # charset labels mapped as browsers do (latin1 -> windows-1252)
         "pillow>=10.0",  # image decoding, EXIF orientation, resizing, JPEG encoding
         "imagehash>=4.3",  # the 64-bit perceptual hash (pHash)
         "aiohttp>=3.9",  # the image fetcher: asynchronous HTTP with connection reuse

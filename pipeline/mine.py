@@ -31,6 +31,7 @@ from pipeline.accounting import (
 from pipeline.beam_options import configure_logging, pipeline_options
 from pipeline.dedupe import DedupeAndPair
 from pipeline.extract import extract_images
+from pipeline.fetch import FetchConfig, FetchImages, add_fetch_arguments
 from pipeline.filters import FilterConfig, add_filter_arguments, filter_page_refs
 from pipeline.images import ImageRejected, normalize_image
 from pipeline.pairs import PageImage, PageInfo, PairingConfig
@@ -63,7 +64,7 @@ class MineConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     read_limits: ReadLimits = field(default_factory=ReadLimits)
-    no_fetch: bool = False
+    fetch: FetchConfig | None = None  # None: --no-fetch, only images found in the input
     filters: FilterConfig = field(default_factory=FilterConfig)
 
 
@@ -192,7 +193,7 @@ class ResolveImages(beam.DoFn):
         if not records:
             for page_ref in refs:
                 self.images.received()
-                if self.config.no_fetch:
+                if self.config.fetch is None:
                     yield self.images.reject(f"{page_ref.page.url} {url}", "not_in_input", "--no-fetch")
                 else:
                     yield beam.pvalue.TaggedOutput(TO_FETCH_TAG, (url, page_ref))
@@ -239,21 +240,19 @@ def _count_written(row: dict) -> dict:
     return row
 
 
-def _fetch_images(to_fetch, args: argparse.Namespace):
+def _fetch_images(to_fetch, fetch_config: FetchConfig):
     """Fetch the images not found in the input, once per URL.
 
     Returns (fetched, failed, rejects): (url, NormalizedImage), (url, Reject) and the fetch stage's
     own rejects (one per URL) for rejects/.
     """
-    from pipeline.fetch import FetchConfig, FetchImages
-
     urls = to_fetch | "FetchUrls" >> beam.Keys() | "DistinctUrls" >> beam.Distinct()
-    results = urls | "Fetch" >> FetchImages(FetchConfig.from_args(args))
+    results = urls | "Fetch" >> FetchImages(fetch_config)
     failed = results[REJECTS_TAG] | "FailedByUrl" >> beam.Map(lambda reject: (reject.element_id, reject))
     return results.fetched, failed, results[REJECTS_TAG]
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: MineConfig, args: argparse.Namespace | None = None) -> None:
+def build_pipeline(pipeline: beam.Pipeline, config: MineConfig) -> None:
     files = (
         pipeline
         | "Patterns" >> beam.Create(list(config.inputs))
@@ -272,8 +271,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: MineConfig, args: argparse.N
     )
     page_images = [images.page_images]
     rejects = [read[REJECTS_TAG], extracted[REJECTS_TAG], images[REJECTS_TAG]]
-    if not config.no_fetch:
-        fetched, failed, fetch_rejects = _fetch_images(images[TO_FETCH_TAG], args)
+    if config.fetch is not None:
+        fetched, failed, fetch_rejects = _fetch_images(images[TO_FETCH_TAG], config.fetch)
         rejects.append(fetch_rejects)
         attached = (
             {"refs": images[TO_FETCH_TAG], "fetched": fetched, "failed": failed}
@@ -336,10 +335,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pairing.add_argument("--both-directions", action="store_true",
                          help="also write (target, query) for each chosen (query, target)")
     add_filter_arguments(parser)
-    try:
-        from pipeline.fetch import add_fetch_arguments
-    except ImportError:
-        return
     add_fetch_arguments(parser)
 
 
@@ -365,7 +360,7 @@ def config_from_args(args: argparse.Namespace) -> MineConfig:
         context_chars=args.context_chars,
         image=ImageConfig(args.max_side, args.min_side, args.max_aspect, args.jpeg_quality),
         pairing=PairingConfig(args.near_duplicate_distance, args.pairs_per_page, args.both_directions),
-        no_fetch=args.no_fetch,
+        fetch=None if args.no_fetch else FetchConfig.from_args(args),
         filters=FilterConfig.from_args(args),
     )
 
@@ -383,7 +378,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     options = pipeline_options(extra)
     started = time.time()
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, config, args)
+    build_pipeline(pipeline, config)
     result = pipeline.run()
     result.wait_until_finish()
     stats = stats_from_counters(counters_from_result(result))

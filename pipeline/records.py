@@ -70,6 +70,11 @@ class PageImages:
     title: str
     lang: str
     refs: list[ImageRef] = field(default_factory=list)
+    # page-level opt-outs, the raw content of each such <meta> tag ("" when absent):
+    # <meta name="robots">, <meta name="magiclens"> and <meta name="tdm-reservation">
+    meta_robots: str = ""
+    meta_magiclens: str = ""
+    meta_tdm_reservation: str = ""
     # references that were skipped, as (reason, detail): e.g. ("non_http_url", "data:image/png...")
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
