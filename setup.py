@@ -23,12 +23,16 @@ setup(
         "ftfy>=6.0",  # repairs mojibake in alt text and captions
         "py3langid>=0.4",  # language of image text and pages; its model ships inside the wheel
         "pyarrow>=14",  # Parquet schemas, reading and writing
+        "jinja2>=3.1",  # prompt templates
+        "pyyaml>=6.0",  # prompt files
+        "jsonschema>=4.18",  # validates what an LLM writes against the prompt's output schema
         "numpy>=1.24",
     ],
     extras_require={
         # training, evaluation and CLIP scoring
-        "model": ["torch>=2.3", "transformers>=4.45", "tqdm>=4.66", "tensorboard>=2.15"],
+        "model": ["torch>=2.3", "transformers>=5.0", "tqdm>=4.66", "tensorboard>=2.15"],
         "gcp": ["apache-beam[gcp]>=2.60"],
+        "vllm": ["vllm>=0.8"],  # the offline batch engine for GPU workers (--writer vllm)
         "dev": ["pytest>=8", "pytest-xdist>=3.5"],
     },
     entry_points={"console_scripts": ["magiclens=magiclens.cli:main"]},

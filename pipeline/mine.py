@@ -36,7 +36,8 @@ from pipeline.filters import FilterConfig, add_filter_arguments, filter_page_ref
 from pipeline.images import ImageRejected, normalize_image
 from pipeline.pairs import PageImage, PageInfo, PairingConfig
 from pipeline.postdecode import CheckDecodedImages
-from pipeline.records import ImageRecord, ImageRef, Page, Reject
+from pipeline.records import ImageRef, Page, PageImages, Reject
+from pipeline.robots import robots_meta_opt_out, tdm_reserved, x_robots_opt_out
 from pipeline.scores import ModelFilters
 from pipeline.warc import ReadLimits, SkippedRecord, read_warc
 
@@ -109,6 +110,20 @@ class ReadWarcFiles(beam.DoFn):
             yield self.files.reject(path, "truncated_file", broke_off.detail)
 
 
+def page_opt_out(page: Page, found: PageImages) -> tuple[str, str] | None:
+    """(reason, detail) when the page opts out of AI use of its images: noai, noimageai or tdm."""
+    token = x_robots_opt_out([page.x_robots_tag]) if page.x_robots_tag else None
+    if token:
+        return token, f"X-Robots-Tag: {page.x_robots_tag}"
+    for name, content in (("robots", found.meta_robots), ("magiclens", found.meta_magiclens)):
+        token = robots_meta_opt_out(content) if content else None
+        if token:
+            return token, f'<meta name="{name}" content="{content}">'
+    if found.meta_tdm_reservation and tdm_reserved(found.meta_tdm_reservation):
+        return "tdm", f'<meta name="tdm-reservation" content="{found.meta_tdm_reservation}">'
+    return None
+
+
 class ExtractImageRefs(beam.DoFn):
     """A page -> (image URL, PageRef) for each reference kept; pages with under two are rejected."""
 
@@ -131,6 +146,10 @@ class ExtractImageRefs(beam.DoFn):
             )
         except Exception as error:  # a parser failure is a reject, never a crash
             yield self.pages.reject(page.url, "parse_error", f"{type(error).__name__}: {error}")
+            return
+        opt_out = page_opt_out(page, found)
+        if opt_out:
+            yield self.pages.reject(page.url, opt_out[0], opt_out[1])
             return
         filtered = filter_page_refs(found.refs, found.lang, found.title, self.config.filters.refs)
         if len(filtered.refs) < 2:

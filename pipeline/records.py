@@ -36,7 +36,7 @@ class Page:
     charset: str | None  # from the HTTP Content-Type header, if any
     crawl: str  # the crawl or WARC file the page came from
     record_id: str
-    meta_robots: str = ""  # X-Robots-Tag header of the page, if any
+    x_robots_tag: str = ""  # the X-Robots-Tag header of the page, if any
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def classify_record(record, crawl: str, limits: ReadLimits) -> Page | ImageRecor
         return ImageRecord(url=url, data=payload, content_type=mime, record_id=record_id)
     charset = record.http_charset if http is not None else None
     robots = http.get("X-Robots-Tag") if http is not None else None
-    return Page(url=url, html=payload, charset=charset, crawl=crawl, record_id=record_id, meta_robots=robots or "")
+    return Page(url=url, html=payload, charset=charset, crawl=crawl, record_id=record_id, x_robots_tag=robots or "")
 
 
 def crawl_name(warcinfo_payload: bytes, path: str) -> str:

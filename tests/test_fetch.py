@@ -615,3 +615,80 @@ def test_host_names_connect_only_to_the_checked_address_in_private_network(share
             assert getattr(outcome, "reason", None) == reason, (url, outcome)
         assert forbidden.paths == []
         assert {"/img/photos/skimage/rocket.jpg", "/img/photos/skimage/coffee.png"} <= set(site.paths)
+
+
+# ------------------------------------------------------------------------------------------
+# `magiclens mine` end to end, its pages pointing at the test server
+
+
+def _mine_with_fetch(warc: Path, output: Path, *extra: str) -> dict:
+    import json
+
+    from magiclens.cli import main
+
+    argv = [
+        "mine", "--input", str(warc), "--output", str(output), "--fetch-allow-private", "127.0.0.1/32",
+        "--fetch-timeout", "1", "--fetch-deadline", "2", "--fetch-backoff", "0.05", "--fetch-retries", "2",
+        "--min-side", "64", *extra,
+    ]
+    assert main(argv) == 0
+    return json.loads((output / "stats.json").read_text())
+
+
+def test_mine_fetches_page_images_and_rejects_hostile_ones_in_private_network(shared_data, private_network_failures,
+                                                                               request, tmp_path):
+    if ran_inside(private_network_failures, request.node.name):
+        return
+    from warcs import write_warc
+
+    with SiteServer(shared_data / "images") as site, SiteServer(shared_data / "images", host="127.0.0.2") as forbidden:
+        base = site.base
+        good = [f"{base}/img/{path}" for path in GOOD_IMAGES[:4]]
+        hostile = {
+            f"{base}/private/photos/skimage/astronaut.png": "robots",
+            f"{base}/noai/photos/skimage/rocket.jpg": "noai",
+            f"{base}/tdm-header/photos/skimage/coffee.png": "tdm",
+            f"{base}/slow-drip": "timeout",
+            f"{base}/declared-huge": "too_large",
+            f"{base}/gzip-bomb": "too_large",  # (the pixel bomb's URL says "pixel": the cheap filters drop it)
+            f"{base}/html-as-jpeg": "not_image",
+            f"{base}/missing.jpg": "http_404",
+            f"{base}/redirect?to={forbidden.base}/img/photos/skimage/rocket.jpg": "private_address",
+            "http://169.254.169.254/latest/meta-data/": "private_address",
+        }
+        tags = "".join(f'<p><img src="{url}" alt="image number {i}"></p>' for i, url in enumerate(good + list(hostile)))
+        opted_out = f'<head><meta name="robots" content="noimageai"></head><body><img src="{good[0]}"><img src="{good[1]}">'
+        warc = write_warc(tmp_path / "pages.warc.gz", [
+            ("http://pages.test/gallery", "text/html; charset=utf-8", f"<html><body>{tags}</body></html>".encode()),
+            ("http://pages.test/opted-out", "text/html", opted_out.encode()),
+        ])
+        cache = tmp_path / "cache"
+        stats = _mine_with_fetch(warc, tmp_path / "first", "--image-cache", str(cache))
+
+        stages = stats["stages"]
+        for name, entry in stages.items():
+            if "balanced" in entry:
+                assert entry["balanced"], name
+        fetch = stages["fetch"]
+        assert fetch["in"] == len(good) + len(hostile)
+        assert fetch["out"] == len(good)
+        expected = {}
+        for reason in hostile.values():
+            expected[reason] = expected.get(reason, 0) + 1
+        assert fetch["rejected"] == expected
+        assert stages["pages"]["rejected"] == {"noimageai": 1}  # the page-level opt-out
+        assert stages["outputs"]["pairs"] >= 1
+        assert forbidden.paths == []
+        assert not [path for path in site.paths if path.startswith("/private/")]
+        assert site.counts()["/robots.txt"] == 1
+        assert site.max_in_flight <= 2
+        image_requests = {path for path in site.paths if path.startswith("/img/")}
+        assert len(image_requests) == len(good)
+
+        # A rerun with the cache sends no image request that succeeded before.
+        before = len(site.paths)
+        rerun = _mine_with_fetch(warc, tmp_path / "second", "--image-cache", str(cache))
+        again = site.paths[before:]
+        assert not [path for path in again if path.startswith("/img/")]
+        assert rerun["stages"]["fetch"]["out"] == len(good)
+        assert rerun["stages"]["outputs"]["pairs"] == stages["outputs"]["pairs"]

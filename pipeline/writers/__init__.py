@@ -1,13 +1,13 @@
 """Instruction writers: given a pair (query and target image with their text), write instructions.
 
-A writer has an id (`writer`, recorded in every triplet), the id of the prompt it follows
-(`prompt_id` = name@version) and `write(pair) -> list[str]`, which raises `WriterRejected` when it
-cannot write a valid instruction for the pair.
+Every writer runs as a generation backend inside Beam's `RunInference` (see `chat.py`): `template`
+(rule-based, `template.py`), and the model backends `openai`, `vllm` and `transformers`, which
+follow a versioned prompt (`prompt.py`) and whose answers are checked (`validate.py`). A writer has
+an id (`writer`, recorded in every triplet) and the id of the prompt it follows (`prompt_id` =
+name@version). `WriterRejected` carries the reason an element gets no output.
 """
 
 from __future__ import annotations
-
-from typing import Protocol
 
 
 class WriterRejected(Exception):
@@ -16,19 +16,3 @@ class WriterRejected(Exception):
         self.reason = reason
         self.detail = detail
 
-
-class InstructionWriter(Protocol):
-    writer_id: str
-    prompt_id: str
-
-    def write(self, pair: dict, count: int) -> list[str]:
-        """Up to `count` distinct instructions leading from the pair's query image to its target."""
-        ...
-
-
-def make_writer(name: str) -> InstructionWriter:
-    if name == "template":
-        from pipeline.writers.template import TemplateWriter
-
-        return TemplateWriter()
-    raise SystemExit(f"unknown writer {name!r}; available: template")
