@@ -18,9 +18,11 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
+	bash scripts/system-deps.sh
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
+	bash scripts/system-deps.sh
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

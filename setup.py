@@ -19,6 +19,7 @@ setup(
         "webencodings>=0.5",  # charset labels mapped as browsers do (latin1 -> windows-1252)
         "pillow>=10.0",  # image decoding, EXIF orientation, resizing, JPEG encoding
         "imagehash>=4.3",  # the 64-bit perceptual hash (pHash)
+        "requests>=2.31",  # Common Crawl WARCs over HTTPS, resumed by Range after a dropped connection
         "aiohttp>=3.9",  # the image fetcher: asynchronous HTTP with connection reuse
         "ftfy>=6.0",  # repairs mojibake in alt text and captions
         "py3langid>=0.4",  # language of image text and pages; its model ships inside the wheel
@@ -33,7 +34,8 @@ setup(
         "model": ["torch>=2.3", "transformers>=5.0", "tqdm>=4.66", "tensorboard>=2.15"],
         "gcp": ["apache-beam[gcp]>=2.60"],
         "vllm": ["vllm>=0.8"],  # the offline batch engine for GPU workers (--writer vllm)
-        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
+        # tests: gs:// paths run against a local GCS emulator
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "apache-beam[gcp]>=2.60", "gcp-storage-emulator>=2024.8"],
     },
     entry_points={"console_scripts": ["magiclens=magiclens.cli:main"]},
 )

@@ -18,6 +18,7 @@ from magiclens import __version__
 COMMANDS: dict[str, tuple[str, str, bool]] = {
     "mine": ("pipeline.mine", "mine same-page image pairs from WARC files (Beam)", True),
     "instruct": ("pipeline.instruct", "write instructions for mined pairs: triplets (Beam)", True),
+    "report": ("pipeline.report", "rebuild report.html of a mine or instruct run", False),
     "train": ("model.train", "train MagicLens on triplet Parquet shards", False),
     "evaluate": ("model.evaluate", "evaluate a checkpoint: recall@k and mAP@k", False),
 }

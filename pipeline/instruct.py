@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet, WriteToParquet
+from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
 from pipeline import schemas
@@ -37,6 +38,7 @@ from pipeline.accounting import (
 from pipeline.beam_options import configure_logging, pipeline_options
 from pipeline.captions import AttachCaptions, CaptionImages, default_captions_dir
 from pipeline.records import Reject
+from pipeline.report import write_report
 from pipeline.writers import WriterRejected
 from pipeline.writers.chat import (
     CAPTIONER_BACKENDS,
@@ -293,6 +295,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     pipeline = beam.Pipeline(options=options)
     prompt_id = build_pipeline(pipeline, args).prompt_id
     result = pipeline.run()
+    template = options.view_as(GoogleCloudOptions).template_location
+    if template:
+        print(f"Dataflow template written: {template}")
+        return 0
     result.wait_until_finish()
     stats = stats_from_counters(counters_from_result(result))
     write_json(
@@ -320,6 +326,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"  captions: {captions.get('from_cache', 0)} from the cache, {captions.get('in', 0)} captioned now "
               f"({captions.get('out', 0)} kept, rejected {captions.get('rejected', {})})  cache: {args.captions}")
     print(f"stats: {FileSystems.join(args.output, 'stats.json')}")
+    print(f"report: {write_report(args.output)}")
     broken = unbalanced_stages(stats)
     if broken:
         LOG.error("stages whose counts do not balance: %s", ", ".join(broken))

@@ -18,6 +18,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import WriteToParquet
+from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from pipeline import schemas
 from pipeline.accounting import (
@@ -29,6 +30,7 @@ from pipeline.accounting import (
     write_json,
 )
 from pipeline.beam_options import configure_logging, pipeline_options
+from pipeline.commoncrawl import add_crawl_arguments, inputs_from_args, is_http_url
 from pipeline.dedupe import DedupeAndPair
 from pipeline.extract import extract_images
 from pipeline.fetch import FetchConfig, FetchImages, add_fetch_arguments
@@ -37,9 +39,9 @@ from pipeline.images import ImageRejected, normalize_image
 from pipeline.pairs import PageImage, PageInfo, PairingConfig
 from pipeline.postdecode import CheckDecodedImages
 from pipeline.records import ImageRef, Page, PageImages, Reject
+from pipeline.report import write_report
 from pipeline.robots import robots_meta_opt_out, tdm_reserved, x_robots_opt_out
-from pipeline.scores import ModelFilters
-from pipeline.warc import ReadLimits, SkippedRecord, read_warc
+from pipeline.warc import FILE_PROBLEMS, ReadLimits, SkippedRecord, read_warc
 
 LOG = logging.getLogger("magiclens.mine")
 
@@ -87,12 +89,11 @@ class ReadWarcFiles(beam.DoFn):
         self.files = StageCounters("warc_files")
         self.records = StageCounters("records")
 
-    def process(self, metadata: fileio.FileMetadata):
-        path = metadata.path
+    def process(self, path: str):
         self.files.received()
         broke_off = None
         for item in read_warc(path, self.limits):
-            if isinstance(item, SkippedRecord) and item.reason == "truncated_file":
+            if isinstance(item, SkippedRecord) and item.reason in FILE_PROBLEMS:
                 broke_off = item
                 continue
             self.records.received()
@@ -107,7 +108,7 @@ class ReadWarcFiles(beam.DoFn):
         if broke_off is None:
             self.files.kept()
         else:
-            yield self.files.reject(path, "truncated_file", broke_off.detail)
+            yield self.files.reject(path, broke_off.reason, broke_off.detail)
 
 
 def page_opt_out(page: Page, found: PageImages) -> tuple[str, str] | None:
@@ -272,10 +273,18 @@ def _fetch_images(to_fetch, fetch_config: FetchConfig):
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: MineConfig) -> None:
-    files = (
+    # Globs are matched by Beam's FileSystems; http(s) URLs (a crawl's WARCs) are read as they are.
+    patterns = [path for path in config.inputs if not is_http_url(path)]
+    urls = [path for path in config.inputs if is_http_url(path)]
+    matched = (
         pipeline
-        | "Patterns" >> beam.Create(list(config.inputs))
+        | "Patterns" >> beam.Create(patterns)
         | "Match" >> fileio.MatchAll()
+        | "MatchedPaths" >> beam.Map(lambda metadata: metadata.path)
+    )
+    files = (
+        (matched, pipeline | "Urls" >> beam.Create(urls))
+        | "AllFiles" >> beam.Flatten()
         | "SpreadFiles" >> beam.Reshuffle()
     )
     read = files | "ReadWarc" >> beam.ParDo(ReadWarcFiles(config.read_limits)).with_outputs(
@@ -306,10 +315,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: MineConfig) -> None:
         | "CheckDecoded" >> beam.ParDo(CheckDecodedImages(config.filters.decoded)).with_outputs(REJECTS_TAG, main="images")
     )
     paired = checked.images | "DedupeAndPair" >> DedupeAndPair(config.pairing, config.filters.dedupe)
-    scored = paired["pairs"] | "ModelFilters" >> ModelFilters(config.filters)
-    rejects += [checked[REJECTS_TAG], paired["rejects"], scored["rejects"]]
+    rejects += [checked[REJECTS_TAG], paired["rejects"]]
+    pairs = paired["pairs"]
+    if config.filters.clip_model or config.filters.nsfw_model:
+        from pipeline.scores import ModelFilters  # imports torch: only when a model is asked for
+
+        scored = pairs | "ModelFilters" >> ModelFilters(config.filters)
+        pairs = scored["pairs"]
+        rejects.append(scored["rejects"])
     (
-        scored["pairs"]
+        pairs
         | "CountPairs" >> beam.Map(_count_written)
         | "WritePairs" >> WriteToParquet(
             FileSystems.join(config.output, "pairs", "part"), schemas.PAIRS, file_name_suffix=".parquet"
@@ -332,8 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--direct_num_workers=2); the default runner is Beam's in-process FnApiRunner."
     )
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", action="append", required=True, metavar="GLOB",
-                    help="WARC file or glob (local, gs://, s3://); repeatable")
+    io.add_argument("--input", action="append", metavar="GLOB",
+                    help="WARC file or glob (local, gs://, s3://) or an http(s) URL; repeatable")
     io.add_argument("--output", required=True, metavar="DIR", help="output directory (local, gs://, s3://)")
     io.add_argument("--no-fetch", action="store_true",
                     help="use only images found in the input WARCs; images elsewhere are rejected as not_in_input")
@@ -353,11 +368,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pairing.add_argument("--pairs-per-page", type=int, default=4, help="at most this many pairs per page (default 4)")
     pairing.add_argument("--both-directions", action="store_true",
                          help="also write (target, query) for each chosen (query, target)")
+    add_crawl_arguments(parser)
     add_filter_arguments(parser)
     add_fetch_arguments(parser)
 
 
-def config_from_args(args: argparse.Namespace) -> MineConfig:
+def config_from_args(args: argparse.Namespace, inputs: list[str]) -> MineConfig:
     positive = {
         "--max-side": args.max_side,
         "--pairs-per-page": args.pairs_per_page,
@@ -373,7 +389,7 @@ def config_from_args(args: argparse.Namespace) -> MineConfig:
     if not 0 <= args.near_duplicate_distance <= 64:
         raise SystemExit(f"--near-duplicate-distance must be between 0 and 64, got {args.near_duplicate_distance}")
     return MineConfig(
-        inputs=tuple(args.input),
+        inputs=tuple(inputs),
         output=args.output,
         html_parser=args.html_parser,
         context_chars=args.context_chars,
@@ -386,27 +402,34 @@ def config_from_args(args: argparse.Namespace) -> MineConfig:
 
 def check_inputs_exist(patterns: tuple[str, ...]) -> None:
     for pattern in patterns:
-        if not FileSystems.match([pattern])[0].metadata_list:
+        if not is_http_url(pattern) and not FileSystems.match([pattern])[0].metadata_list:
             raise SystemExit(f"--input {pattern!r} matches no file")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     configure_logging()
-    config = config_from_args(args)
+    inputs = inputs_from_args(args)
+    if args.dry_run:
+        print("\n".join(inputs))
+        return 0
+    config = config_from_args(args, inputs)
     check_inputs_exist(config.inputs)
     options = pipeline_options(extra)
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config)
     result = pipeline.run()
+    if options.view_as(GoogleCloudOptions).template_location:
+        print(f"Dataflow template written: {options.view_as(GoogleCloudOptions).template_location}")
+        return 0
     result.wait_until_finish()
     stats = stats_from_counters(counters_from_result(result))
-    summary = {
-        "command": "mine",
-        "config": asdict(config),
-        "seconds": round(time.time() - started, 2),
-        "stages": stats,
-    }
+    described = asdict(config)
+    # A whole crawl is tens of thousands of URLs: record the crawl and a count instead.
+    described["inputs"] = list(args.input or [])
+    if args.crawl:
+        described["crawl"] = {"id": args.crawl, "warc_files": len(inputs) - len(described["inputs"])}
+    summary = {"command": "mine", "config": described, "seconds": round(time.time() - started, 2), "stages": stats}
     write_json(FileSystems.join(config.output, "stats.json"), summary)
     pairs = stats.get("outputs", {}).get("pairs", 0)
     print(f"pairs written: {pairs}  ->  {FileSystems.join(config.output, 'pairs')}")
@@ -416,6 +439,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"  {name:<12} in {entry['in']:>7}  out {entry['out']:>7}  rejected {entry['rejected_total']:>7}"
                   + (f"  ({reasons})" if reasons else ""))
     print(f"stats: {FileSystems.join(config.output, 'stats.json')}  rejects: {FileSystems.join(config.output, 'rejects')}")
+    print(f"report: {write_report(config.output)}")
     broken = unbalanced_stages(stats)
     if broken:
         LOG.error("stages whose counts do not balance (in != out + rejected): %s", ", ".join(broken))

@@ -1,7 +1,7 @@
 """Read WARC files: HTML pages and image records, one record at a time.
 
 FastWARC parses the (gzip'd, multi-member) WARC; Beam's FileSystems opens it, so inputs may be
-local, gs:// or s3:// paths. Only content records (response, resource, revisit) enter the stage;
+local, gs:// or s3:// paths, and http(s) URLs are streamed with resumption (pipeline/commoncrawl.py). Only content records (response, resource, revisit) enter the stage;
 warcinfo, request and metadata records are skipped unread by the parser.
 """
 
@@ -12,14 +12,15 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
+from pipeline.commoncrawl import open_warc
 from pipeline.records import ImageRecord, Page
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 CONTENT_RECORDS = WarcRecordType.response | WarcRecordType.resource | WarcRecordType.revisit
+# Reasons that concern a whole file rather than one record.
+FILE_PROBLEMS = ("truncated_file", "unreadable_file")
 
 
 @dataclass(frozen=True)
@@ -96,18 +97,24 @@ def read_warc(path: str, limits: ReadLimits = ReadLimits()) -> Iterator[Page | I
     """Yield every content record of one WARC file, classified.
 
     A file that breaks off (a truncated gzip tail, a corrupt member) ends with one SkippedRecord whose
-    element id is the path and reason `truncated_file`: what was read before the break is kept.
+    element id is the path and reason `truncated_file`: what was read before the break is kept. A
+    file that cannot be opened gives one SkippedRecord with reason `unreadable_file`.
     """
     crawl = os.path.basename(path)
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
-        records = ArchiveIterator(
-            stream,
-            record_types=CONTENT_RECORDS | WarcRecordType.warcinfo,
-            parse_http=True,
-            fsspec_args=False,
-        )
+    try:
+        stream = open_warc(path)
+    except OSError as error:  # a missing file, or an http(s) URL that fails after its retries
+        yield SkippedRecord(path, "unreadable_file", str(error)[:200])
+        return
+    with stream:
         last_offset = 0
         try:
+            records = ArchiveIterator(
+                stream,
+                record_types=CONTENT_RECORDS | WarcRecordType.warcinfo,
+                parse_http=True,
+                fsspec_args=False,
+            )
             for record in records:
                 last_offset = record.stream_pos
                 if record.record_type == WarcRecordType.warcinfo:

@@ -134,6 +134,75 @@ def test_resized_image_still_shows_the_picture(images: Path) -> None:
     assert np.abs(pixels(normalized) - reference).mean() < 4
 
 
+def jpeg_bytes(image: Image.Image, **save_options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", **save_options)
+    return out.getvalue()
+
+
+# An XMP packet whose tiff:Orientation 6 says "turn a quarter clockwise to view".
+XMP_TURNED_A_QUARTER = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+    b'<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+    b"</rdf:RDF></x:xmpmeta>"
+)
+
+
+def test_small_baseline_jpeg_without_metadata_is_stored_as_it_came(images: Path) -> None:
+    data = (images / "neardup/pdq-labelme-distractors/q0746.jpg").read_bytes()
+    normalized = normalize_image(data)
+    assert normalized.jpeg == data  # no lossy re-encode
+    pixels(normalized)
+    assert (normalized.width, normalized.height) == (256, 256)
+    assert (normalized.original_width, normalized.original_height) == (256, 256)
+    assert normalized.original_format == "JPEG"
+    assert normalized.sha256 == hashlib.sha256(data).hexdigest()
+    # it is still decoded (at a reduced scale for the hash): broken data is found as before
+    for cut in (2, 10):
+        assert rejection(data[: len(data) * (cut - 1) // cut]).reason == "truncated"
+
+
+def test_small_jpegs_are_re_encoded_when_storing_them_as_is_would_not_do(images: Path) -> None:
+    with Image.open(images / "neardup/pdq-labelme-distractors/q0746.jpg") as photo:
+        picture = photo.convert("RGB")
+    with Image.open(images / "photos/skimage/astronaut.png") as astronaut:
+        detailed = astronaut.convert("RGB")
+    near_lossless = jpeg_bytes(detailed, quality=100, subsampling=0)
+    assert len(near_lossless) > 512 * 512  # over a byte per pixel: the re-encode saves bytes
+    with_exif = (images / "neardup/pdq-bridge-mods/square-256x256.jpg").read_bytes()
+    cases = {
+        "progressive": jpeg_bytes(picture, quality=90, progressive=True),
+        "gray": jpeg_bytes(picture.convert("L"), quality=90),
+        "camera metadata": with_exif,
+        "orientation in XMP": jpeg_bytes(picture, quality=90, xmp=XMP_TURNED_A_QUARTER),
+        "near-lossless": near_lossless,
+    }
+    for case, data in cases.items():
+        normalized = normalize_image(data)
+        assert normalized.jpeg != data, case
+        pixels(normalized)
+        with Image.open(io.BytesIO(normalized.jpeg)) as stored:
+            assert not stored.info.get("progressive"), case
+            assert "exif" not in stored.info, case  # camera and place data are not kept
+    assert len(normalize_image(near_lossless).jpeg) < len(near_lossless) / 2
+    turned = pixels(normalize_image(cases["orientation in XMP"]))
+    upright = np.asarray(picture.transpose(Image.Transpose.ROTATE_270)).astype(np.int16)
+    assert np.abs(turned - upright).mean() < 8
+
+
+def test_the_hash_does_not_depend_on_whether_the_jpeg_was_stored_as_is(images: Path) -> None:
+    """The same picture hashes as a near-duplicate of itself through either path (threshold 8)."""
+    stored_as_is = 0
+    for path in sorted((images / "neardup/pdq-labelme-distractors").iterdir()):
+        data = path.read_bytes()
+        as_is = normalize_image(data)
+        stored_as_is += as_is.jpeg == data
+        shrunk = normalize_image(data, max_side=as_is.width - 1)  # forces decode and resize
+        assert phash_of(as_is) - phash_of(shrunk) <= 8, path.name
+    assert stored_as_is == 7
+
+
 # --- orientation, colour modes -----------------------------------------------------------
 
 
@@ -407,6 +476,9 @@ def test_no_other_exception_escapes_on_damaged_real_files(images: Path) -> None:
 
 
 def test_phash_of_the_reduced_image_matches_the_full_image(images: Path) -> None:
+    """The hash comes from a gray copy of at least 96 px (a JPEG stored as is: decoded at 1/2
+    to 1/8 scale). On these sets it stays within 4 bits of imagehash's pHash of the full
+    picture, as hashing the 512 px image did; at 64 px it moved by up to 8."""
     paths = [
         path
         for folder in ("pdq-bridge-mods", "pdq-labelme-distractors", "imagehash-tests")
