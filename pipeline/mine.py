@@ -91,20 +91,28 @@ class ReadWarcFiles(beam.DoFn):
 
     def process(self, path: str):
         self.files.received()
+        started = time.monotonic()
         broke_off = None
+        kinds = {"records": 0, "pages": 0, "images": 0}
         for item in read_warc(path, self.limits):
             if isinstance(item, SkippedRecord) and item.reason in FILE_PROBLEMS:
                 broke_off = item
                 continue
             self.records.received()
+            kinds["records"] += 1
             if isinstance(item, SkippedRecord):
                 yield self.records.reject(item.element_id, item.reason, item.detail)
             elif isinstance(item, Page):
                 self.records.kept()
+                kinds["pages"] += 1
                 yield beam.pvalue.TaggedOutput(PAGES_TAG, item)
             else:
                 self.records.kept()
+                kinds["images"] += 1
                 yield beam.pvalue.TaggedOutput(IMAGES_TAG, (item.url, item))
+        # Progress of a long run, on any runner: one line per WARC file read.
+        LOG.info("read %s: %d records, %d pages, %d images in %.1f s%s", path, kinds["records"], kinds["pages"],
+                 kinds["images"], time.monotonic() - started, f" ({broke_off.reason})" if broke_off else "")
         if broke_off is None:
             self.files.kept()
         else:
