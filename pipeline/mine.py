@@ -1,10 +1,13 @@
-"""`magiclens mine`: WARC files -> same-page image pairs (pairs/*.parquet), rejects/ and stats.json.
+"""`magiclens mine`: WARC files -> same-page image pairs (pairs/*.parquet), rejects/, stats.json, report.html.
 
-The stages are plain functions in their own modules (warc, extract, images, fetch, pairs); this
-module composes them with Beam:
+The stages are plain functions in their own modules; this module composes them with Beam:
 
-  files -> records -> pages -> image refs --(by image URL)--> images -> (by page) -> pairs
-                  \\-> image records ---------/          \\-> fetch (images not in the input)
+  WARC files (warc) -> pages -> image refs (extract, filters) --by image URL--> images (images)
+           \-> image records ------------------------------------/        \-> fetch (fetch)
+  -> post-decode checks (postdecode) -> corpus clusters, per-page dedupe, pairs (dedupe, pairs)
+  -> optional NSFW and CLIP scores (scores) -> pairs/*.parquet
+
+Every stage counts what it received, kept and rejected (pipeline/accounting.py).
 """
 
 from __future__ import annotations
