@@ -63,11 +63,16 @@ def load_tokenizer(source: str | None) -> PreTrainedTokenizerBase:
     return CLIPTokenizer.from_pretrained(source)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
-    """Token ids (len(texts), 77): start token, text, end token, padding; long texts are cut."""
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], fixed_length: bool = True) -> torch.Tensor:
+    """Token ids: start token, text, end token, padding; texts longer than 77 tokens are cut.
+
+    With fixed_length the ids are (len(texts), 77), as the released code feeds them; otherwise
+    they are only as long as the longest text, which gives the same embeddings (CLIP's text
+    attention is causal and pools at the first end token) for less compute.
+    """
     encoded = tokenizer(
         texts,
-        padding="max_length",
+        padding="max_length" if fixed_length else "longest",
         truncation=True,
         max_length=CONTEXT_LENGTH,
         return_tensors="pt",
