@@ -17,7 +17,7 @@ $BIN/magiclens instruct --pairs "$OUT/mined/pairs" --writer template --output "$
 
 echo
 echo "== train (tiny model, a few steps on CPU): -> $OUT/checkpoint"
-$BIN/magiclens train --data "$OUT/instructed/triplets/*.parquet" --model tiny --steps 20 --batch-size 8 \
+$BIN/magiclens train --data "$OUT/instructed/triplets/*.parquet" --model tiny --steps 20 --batch-size 8 --num-workers 2 \
   --output "$OUT/checkpoint"
 
 echo
