@@ -10,17 +10,23 @@ For each `<img>`, in page order, one absolute http(s) URL is chosen:
 3. else `src`;
 
 resolved against `<base href>` (itself resolved against the page URL), without its fragment.
-With it come `alt`, `title`, a context (the `<figcaption>` of the enclosing `<figure>`, else the
-text of the closest ancestor with any, at most CONTEXT_LEVELS up), the declared `width`/`height`
-and the position among the page's kept references.
+With it come `alt`, `title`, a context (the text of the `<figcaption>` of the enclosing
+`<figure>`, else the text of the image's parent, else of its grandparent; text nodes joined by a
+space, whitespace collapsed, script and style code left out), the declared `width`/`height` and
+the position among the page's kept references.
+
+The page-level opt-outs come with them: the content of `<meta name="robots">`,
+`<meta name="magiclens">` and `<meta name="tdm-reservation">` anywhere on the page (names without
+regard to case; several of a name joined with ", ").
 
 An image without a usable URL, or whose URL was already kept on this page, is listed in
 `PageImages.skipped` as (reason, detail), with one of the reasons below. So are two page-level
 events: the images beyond `max_refs` (one entry), and markup nested so deep that it was flattened.
 
 Two parsers build the same HTML5 tree: Lexbor through selectolax (the default, fast) and
-BeautifulSoup with html5lib (`parser="bs4"`). Each only gathers raw strings per image
-(`_RawPage`); choosing, resolving and cleaning them is shared code, so both give the same result.
+BeautifulSoup with html5lib (`parser="bs4"`). Each only gathers raw strings per image, and
+finds the context of the images that are kept (`_RawPage`); choosing, resolving and cleaning is
+shared code, so both give the same result.
 """
 
 from __future__ import annotations
@@ -28,14 +34,15 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from urllib.parse import quote, urljoin, urlsplit
 
 import numpy as np
 import webencodings
 from bs4 import BeautifulSoup, NavigableString
-from selectolax.lexbor import LexborHTMLParser
+from selectolax.lexbor import LexborDocumentOptions, LexborHTMLParser
 
 from pipeline.records import ImageRef, PageImages
 
@@ -82,9 +89,9 @@ class ExtractError(Exception):
     """The HTML parser itself failed on a page; the caller rejects the page with this message."""
 
 
-# What a parser found about one <img>: its attributes (None for an attribute without a value),
-# the attributes of the <source>s of an enclosing <picture>, and its context (cleaned and capped).
-_RawImage = tuple[dict, list[dict], str]
+# What a parser found about one <img>: its attributes (None for an attribute without a value) and
+# the attributes of the <source>s of an enclosing <picture>.
+_RawImage = tuple[dict, list[dict]]
 
 
 @dataclass(slots=True)
@@ -95,6 +102,10 @@ class _RawPage:
     base_href: str | None  # of the first <base href>
     images: list[_RawImage]  # the first max_refs <img> elements, in page order
     total_images: int
+    # The context of images[index], cleaned and capped; asked only for the references kept.
+    context_of: Callable[[int], str]
+    # (name, content) of each <meta> with both, in page order, as written
+    named_metas: list[tuple[str, str]]
 
 
 def extract_images(
@@ -126,10 +137,9 @@ def extract_images(
     document, flattened = _flatten_deep_nesting(document, MAX_NESTING)
     gather = _gather_lexbor if parser == "lexbor" else _gather_bs4
     try:
-        raw = gather(document, max_refs, context_chars)
+        found = _page_images(gather(document, max_refs, context_chars), page_url)
     except RecursionError as error:  # not expected below MAX_NESTING; a reject, never a crash
         raise ExtractError(f"{parser} recursed too deep on this page") from error
-    found = _page_images(raw, page_url)
     if flattened:
         found.skipped.append(
             (NESTING_TOO_DEEP, f"{flattened} elements nested deeper than {MAX_NESTING} were flattened")
@@ -242,7 +252,7 @@ def _may_nest_deeper(document: bytes, max_depth: int) -> bool:
     is_lt = data == ord("<")
     if np.count_nonzero(is_lt) <= max(max_depth, FEW_TAGS):
         return False
-    after_lt = data[np.flatnonzero(is_lt[:-1]) + 1]
+    after_lt = np.compress(is_lt[:-1], data[1:])  # the byte after each "<"
     steps = (((after_lt | 0x20) - ord("a")) < 26).astype(np.int32)  # "<" + letter: a start tag
     steps -= after_lt == ord("/")  # "</": an end tag
     depth = np.cumsum(steps)
@@ -252,8 +262,12 @@ def _may_nest_deeper(document: bytes, max_depth: int) -> bool:
 
 # ---- Lexbor ----------------------------------------------------------------------------------
 
+# Without DOM mutation events, which take 5 to 10% of the parse. All they change for a page that
+# is only read is what html5lib does not do either: copying the selected <option> into a
+# <selectedcontent>.
+_LEXBOR_OPTIONS = LexborDocumentOptions.WO_EVENTS
 # No attribute selectors: they make the one walk over the tree markedly slower.
-_LEXBOR_QUERY = "img, picture, figure, script, style, template, base, title"
+_LEXBOR_QUERY = "img, picture, figure, script, style, template, base, title, meta"
 # Lexbor's numeric tag ids, cheaper to compare than names; read once from a tiny page.
 _TAG_ID = {
     node.tag: node.tag_id
@@ -262,6 +276,7 @@ _TAG_ID = {
         "</template></head><body><img><picture></picture><figure></figure><source></body></html>"
     ).css("*")
 }
+_IMG_ID, _META_ID = _TAG_ID["img"], _TAG_ID["meta"]
 _NOT_PAGE_TEXT_IDS = frozenset(_TAG_ID[name] for name in ("script", "style", "template"))
 _TOP_LEVEL_IDS = frozenset(_TAG_ID[name] for name in ("html", "head", "body"))
 _NO_SOURCES: list[dict] = []
@@ -269,18 +284,24 @@ _NO_SOURCES: list[dict] = []
 
 def _gather_lexbor(document: bytes, max_images: int, context_chars: int) -> _RawPage:
     try:
-        tree = LexborHTMLParser(document)
+        tree = LexborHTMLParser(document, options=_LEXBOR_OPTIONS)
     except Exception as error:  # selectolax raises several types; any of them rejects the page
         raise ExtractError(f"lexbor could not parse the page: {type(error).__name__}: {error}") from error
     images, pictures, figures, not_page_text = [], [], [], []
+    named_metas: list[tuple[str, str]] = []
     base_href = None
     title = None
     for node in tree.css(_LEXBOR_QUERY):  # one walk over the tree, in document order
         tag = node.tag_id
-        if tag == _TAG_ID["img"]:
+        if tag == _IMG_ID:
             images.append(node)
         elif tag in _NOT_PAGE_TEXT_IDS:
             not_page_text.append(node)
+        elif tag == _META_ID:
+            attrs = node.attributes
+            name, content = attrs.get("name"), attrs.get("content")
+            if name and content:
+                named_metas.append((name, content))
         elif tag == _TAG_ID["picture"]:
             pictures.append(node)
         elif tag == _TAG_ID["figure"]:
@@ -298,14 +319,12 @@ def _gather_lexbor(document: bytes, max_images: int, context_chars: int) -> _Raw
         if child is None or (child.is_text_node and child.next is None):
             node.decompose()
 
-    sources = _picture_sources_lexbor(pictures)
-    captions = _figure_captions_lexbor(figures, context_chars)
-    texts: dict[int, str] = {}
-    raw_images = []
-    for img in images[:max_images]:
-        key = img.mem_id
-        context = captions.get(key) or _nearby_text_lexbor(img, texts, context_chars)
-        raw_images.append((img.attributes, sources.get(key, _NO_SOURCES), context))
+    examined = images[:max_images]
+    if pictures:
+        sources = _picture_sources_lexbor(pictures)
+        raw_images = [(img.attributes, sources.get(img.mem_id, _NO_SOURCES)) for img in examined]
+    else:
+        raw_images = [(img.attributes, _NO_SOURCES) for img in examined]
     root = tree.root
     html_lang = (root.attributes.get("lang") or "") if root is not None else ""
     content_language = ""
@@ -322,6 +341,8 @@ def _gather_lexbor(document: bytes, max_images: int, context_chars: int) -> _Raw
         base_href=base_href,
         images=raw_images,
         total_images=len(images),
+        context_of=_lexbor_contexts(examined, figures, context_chars),
+        named_metas=named_metas,
     )
 
 
@@ -332,16 +353,34 @@ def _picture_sources_lexbor(pictures: list) -> dict[int, list[dict]]:
         children = list(picture.iter())
         sources = [child.attributes for child in children if child.tag_id == _TAG_ID["source"]]
         for child in children:
-            if child.tag_id == _TAG_ID["img"]:
+            if child.tag_id == _IMG_ID:
                 found[child.mem_id] = sources
     return found
+
+
+def _lexbor_contexts(images: list, figures: list, context_chars: int) -> Callable[[int], str]:
+    """The function that gives the context of images[index]: the caption of its closest
+    <figure>, else its nearby text."""
+    if context_chars <= 0:
+        return _no_context
+    captions = _figure_captions_lexbor(figures, context_chars)
+    texts: dict[int, str] = {}  # per ancestor (by mem_id), as images share ancestors
+
+    def context_of(index: int) -> str:
+        img = images[index]
+        caption = captions.get(img.mem_id) if captions else None  # mem_id costs a call: skip it if no figures
+        return caption or _nearby_text_lexbor(img, texts, context_chars)
+
+    return context_of
+
+
+def _no_context(index: int) -> str:
+    return ""
 
 
 def _figure_captions_lexbor(figures: list, context_chars: int) -> dict[int, str]:
     """<img> (by mem_id) -> the cleaned text of the first <figcaption> in its closest <figure>."""
     found = {}
-    if context_chars <= 0:
-        return found
     for figure in figures:  # in document order: an inner figure comes later and wins
         caption = figure.css_first("figcaption")
         text = _clean(caption.text(separator=" "), context_chars) if caption is not None else ""
@@ -352,9 +391,7 @@ def _figure_captions_lexbor(figures: list, context_chars: int) -> dict[int, str]
 
 def _nearby_text_lexbor(img, texts: dict[int, str], context_chars: int) -> str:
     """The cleaned, capped text of the closest ancestor (CONTEXT_LEVELS up at most, below
-    <body>) that has any. `texts` keeps each ancestor's text: images share ancestors."""
-    if context_chars <= 0:
-        return ""
+    <body>) that has any."""
     node = img.parent
     for _ in range(CONTEXT_LEVELS):
         if node is None or node.tag_id in _TOP_LEVEL_IDS:
@@ -388,13 +425,12 @@ def _gather_bs4(document: bytes, max_images: int, context_chars: int) -> _RawPag
             node.decompose()
 
     images = soup.find_all("img")
+    examined = images[:max_images]
     sources = _picture_sources_bs4(soup.find_all("picture"))
-    captions = _figure_captions_bs4(soup.find_all("figure"), context_chars)
-    texts: dict[int, str] = {}
-    raw_images = []
-    for img in images[:max_images]:
-        context = captions.get(id(img)) or _nearby_text_bs4(img, texts, context_chars)
-        raw_images.append((dict(img.attrs), sources.get(id(img), _NO_SOURCES), context))
+    raw_images = [(dict(img.attrs), sources.get(id(img), _NO_SOURCES)) for img in examined]
+    named_metas = [
+        (meta["name"], meta["content"]) for meta in soup.find_all("meta") if meta.get("name") and meta.get("content")
+    ]
     base = soup.find("base", href=True)
     title = soup.find("title")
     html_lang = soup.html.get("lang", "") if soup.html is not None else ""
@@ -411,6 +447,8 @@ def _gather_bs4(document: bytes, max_images: int, context_chars: int) -> _RawPag
         base_href=base["href"] if base is not None else None,
         images=raw_images,
         total_images=len(images),
+        context_of=_bs4_contexts(examined, soup.find_all("figure"), context_chars),
+        named_metas=named_metas,
     )
 
 
@@ -425,10 +463,21 @@ def _picture_sources_bs4(pictures: list) -> dict[int, list[dict]]:
     return found
 
 
+def _bs4_contexts(images: list, figures: list, context_chars: int) -> Callable[[int], str]:
+    if context_chars <= 0:
+        return _no_context
+    captions = _figure_captions_bs4(figures, context_chars)
+    texts: dict[int, str] = {}
+
+    def context_of(index: int) -> str:
+        img = images[index]
+        return captions.get(id(img)) or _nearby_text_bs4(img, texts, context_chars)
+
+    return context_of
+
+
 def _figure_captions_bs4(figures: list, context_chars: int) -> dict[int, str]:
     found = {}
-    if context_chars <= 0:
-        return found
     for figure in figures:
         caption = figure.find("figcaption")
         text = _clean(caption.get_text(" "), context_chars) if caption is not None else ""
@@ -438,8 +487,6 @@ def _figure_captions_bs4(figures: list, context_chars: int) -> dict[int, str]:
 
 
 def _nearby_text_bs4(img, texts: dict[int, str], context_chars: int) -> str:
-    if context_chars <= 0:
-        return ""
     node = img.parent
     for _ in range(CONTEXT_LEVELS):
         if node is None or node.name in ("html", "head", "body"):
@@ -459,10 +506,11 @@ def _nearby_text_bs4(img, texts: dict[int, str], context_chars: int) -> str:
 
 def _page_images(raw: _RawPage, page_url: str) -> PageImages:
     resolve = _UrlResolver(page_url, raw.base_href).resolve
+    context_of = raw.context_of
     refs: list[ImageRef] = []
     skipped: list[tuple[str, str]] = []
     kept_urls: set[str] = set()
-    for attrs, sources, context in raw.images:
+    for index, (attrs, sources) in enumerate(raw.images):
         url, source, problem = _choose_url(attrs, sources, resolve)
         if url is None:
             skipped.append(problem)
@@ -474,15 +522,15 @@ def _page_images(raw: _RawPage, page_url: str) -> PageImages:
         alt, title = attrs.get("alt"), attrs.get("title")
         width, height = attrs.get("width"), attrs.get("height")
         refs.append(
-            ImageRef(
-                url=url,
-                alt=_clean(alt, ATTRIBUTE_CHARS) if alt else "",
-                title=_clean(title, ATTRIBUTE_CHARS) if title else "",
-                context=context,
-                width=_dimension(width) if width else None,
-                height=_dimension(height) if height else None,
-                position=len(refs),
-                source=source,
+            _image_ref(
+                url,
+                _clean(alt, ATTRIBUTE_CHARS) if alt else "",
+                _clean(title, ATTRIBUTE_CHARS) if title else "",
+                context_of(index),
+                _dimension(width) if width else None,
+                _dimension(height) if height else None,
+                len(refs),
+                source,
             )
         )
     not_examined = raw.total_images - len(raw.images)
@@ -491,7 +539,44 @@ def _page_images(raw: _RawPage, page_url: str) -> PageImages:
         skipped.append((TOO_MANY_IMAGES, detail))
     first_content_language = raw.content_language.split(",")[0]
     lang = _clean(raw.html_lang, ATTRIBUTE_CHARS) or _clean(first_content_language, ATTRIBUTE_CHARS)
-    return PageImages(title=_clean(raw.title, ATTRIBUTE_CHARS), lang=lang, refs=refs, skipped=skipped)
+    opt_outs = _opt_out_metas(raw.named_metas)
+    return PageImages(
+        title=_clean(raw.title, ATTRIBUTE_CHARS),
+        lang=lang,
+        refs=refs,
+        meta_robots=opt_outs["robots"],
+        meta_magiclens=opt_outs["magiclens"],
+        meta_tdm_reservation=opt_outs["tdm-reservation"],
+        skipped=skipped,
+    )
+
+
+def _image_ref(
+    url: str, alt: str, title: str, context: str, width: int | None, height: int | None, position: int, source: str
+) -> ImageRef:
+    """ImageRef(url, alt, ...) without the frozen dataclass's __init__, which sets each field
+    through object.__setattr__: five times slower, and called for every reference of every page.
+    ImageRef has no __post_init__ or defaults to run; a test checks that this builds what
+    ImageRef(...) builds."""
+    ref = object.__new__(ImageRef)
+    ref.__dict__.update(
+        url=url, alt=alt, title=title, context=context, width=width, height=height, position=position, source=source
+    )
+    return ref
+
+
+_OPT_OUT_META_NAMES = ("robots", "magiclens", "tdm-reservation")
+
+
+def _opt_out_metas(named_metas: list[tuple[str, str]]) -> dict[str, str]:
+    """Each opt-out meta name -> the contents of the <meta>s of that name (matched without regard
+    to case or surrounding whitespace), joined with ", "; "" for none."""
+    contents: dict[str, list[str]] = {name: [] for name in _OPT_OUT_META_NAMES}
+    for name, content in named_metas:
+        found = contents.get(name.strip(_ASCII_WHITESPACE).lower())
+        if found is not None:
+            found.append(content)
+    return {name: ", ".join(found) for name, found in contents.items()}
 
 
 _SRCSET_AND_LAZY_ATTRIBUTES = frozenset(SRCSET_ATTRIBUTES + LAZY_SRC_ATTRIBUTES)
@@ -519,10 +604,10 @@ def _choose_url(
     return None, "", problem or _NO_URL
 
 
-def _preferred_urls(attrs: dict, sources: list[dict]) -> list[tuple[str, str]]:
+def _preferred_urls(attrs: dict, sources: list[dict]) -> Iterator[tuple[str, str]]:
     """(raw URL, attribute name) in order of preference, before `src`: srcset candidates, the
     largest first (a width descriptor outranks any density; equal ones keep page order), then
-    the lazy-loading attributes."""
+    the lazy-loading attributes. A generator: the first one usually resolves."""
     candidates = []
     for source in sources:
         for name in SRCSET_ATTRIBUTES:
@@ -531,10 +616,17 @@ def _preferred_urls(attrs: dict, sources: list[dict]) -> list[tuple[str, str]]:
     for name in SRCSET_ATTRIBUTES:
         if attrs.get(name):
             candidates += _srcset_candidates(attrs[name], name)
-    candidates.sort(key=lambda candidate: candidate[1], reverse=True)
-    preferred = [(raw_url, name) for raw_url, _, name in candidates]
-    preferred += [(attrs[name], name) for name in LAZY_SRC_ATTRIBUTES if attrs.get(name)]
-    return preferred
+    candidates.sort(key=_RANK, reverse=True)
+    for raw_url, _, name in candidates:
+        yield raw_url, name
+    if not _LAZY_SRC_SET.isdisjoint(attrs):
+        for name in LAZY_SRC_ATTRIBUTES:
+            if attrs.get(name):
+                yield attrs[name], name
+
+
+_RANK = itemgetter(1)
+_LAZY_SRC_SET = frozenset(LAZY_SRC_ATTRIBUTES)
 
 
 def _srcset_candidates(srcset: str, name: str) -> list[tuple[str, tuple[int, float], str]]:
@@ -584,11 +676,12 @@ def _srcset_rank(descriptors: list[str]) -> tuple[int, float]:
 _ASCII_WHITESPACE = " \t\n\r\f"
 _SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*):")
 _URL_CHARS = r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]"
-# References that need neither escaping nor urljoin (slow): absolute http(s) URLs, and //host,
-# /path and path references without a ":" in their first segment (that would be a scheme).
+# References that need neither escaping nor urljoin (slow): absolute http(s) URLs (and //host
+# ones once given a scheme), and /path and path references without a ":" in their first segment
+# (that would be a scheme).
 _CLEAN_ABSOLUTE = re.compile(rf"https?://[A-Za-z0-9.\-]+(?:[/?#]{_URL_CHARS}*)?\Z")
 _FIRST_SEGMENT = r"[A-Za-z0-9\-_~!$&'()*+,;=@%][A-Za-z0-9\-._~!$&'()*+,;=@%]*(?:[/?#]|\Z)"
-_CLEAN_REFERENCE = re.compile(rf"(?:https?://|//|/|{_FIRST_SEGMENT}){_URL_CHARS}*\Z")
+_CLEAN_REFERENCE = re.compile(rf"(?:/|{_FIRST_SEGMENT}){_URL_CHARS}*\Z")
 _HOST = re.compile(r"[A-Za-z0-9.\-_]+|[0-9A-Fa-f:.]+")  # a name, or an IP address (IPv6 without [])
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # kept as they are by quote(); the rest is percent-encoded
 
@@ -599,7 +692,7 @@ class _UrlResolver:
     def __init__(self, page_url: str, base_href: str | None):
         base = page_url
         if base_href is not None and base_href.strip(_ASCII_WHITESPACE):
-            resolved, _ = _resolve(base_href, page_url)
+            resolved, _ = _absolute_url(base_href, page_url)
             base = resolved or page_url  # an unusable <base href> falls back to the page URL
         self.base = base
         self.answers: dict[str, tuple[str | None, tuple[str, str] | None]] = {}
@@ -614,27 +707,28 @@ class _UrlResolver:
         """(absolute http(s) URL without fragment, None) or (None, (reason, detail))."""
         answer = self.answers.get(raw)
         if answer is None:
-            answer = self.answers[raw] = self._resolve(raw.strip(_ASCII_WHITESPACE))
+            answer = self.answers[raw] = self._resolve_uncached(raw.strip(_ASCII_WHITESPACE))
         return answer
 
-    def _resolve(self, text: str) -> tuple[str | None, tuple[str, str] | None]:
-        """By string concatenation where that gives what urljoin would, else by `_resolve`."""
-        if self.origin is None or "/." in text or text.startswith(".") or not _CLEAN_REFERENCE.match(text):
-            return _resolve(text, self.base)
+    def _resolve_uncached(self, text: str) -> tuple[str | None, tuple[str, str] | None]:
+        """By string concatenation where that gives what urljoin would, else `_absolute_url`."""
+        if self.origin is None or "/." in text or text.startswith("."):
+            return _absolute_url(text, self.base)
         if text.startswith(("http://", "https://")):
-            absolute = text
+            if _CLEAN_ABSOLUTE.match(text):
+                return text.partition("#")[0], None
         elif text.startswith("//"):
             absolute = f"{self.scheme}:{text}"
-        elif text.startswith("/"):
-            return (self.origin + text).partition("#")[0], None
-        else:
-            return (self.directory + text).partition("#")[0], None
-        if _CLEAN_ABSOLUTE.match(absolute):
-            return absolute.partition("#")[0], None
-        return _resolve(text, self.base)
+            if _CLEAN_ABSOLUTE.match(absolute):
+                return absolute.partition("#")[0], None
+        elif _CLEAN_REFERENCE.match(text):
+            return ((self.origin if text.startswith("/") else self.directory) + text).partition("#")[0], None
+        return _absolute_url(text, self.base)
 
 
-def _resolve(raw: str, base: str) -> tuple[str | None, tuple[str, str] | None]:
+def _absolute_url(raw: str, base: str) -> tuple[str | None, tuple[str, str] | None]:
+    """`raw` resolved against `base` by urljoin, checked and percent-escaped where needed:
+    (URL, None) or (None, (reason, detail))."""
     text = raw.strip(_ASCII_WHITESPACE)
     if not text:
         return None, (EMPTY_URL, "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from pipeline.extract import (
     ExtractError,
     extract_images,
 )
+from pipeline.records import ImageRef
 
 HTML_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "html"
 REAL_PAGES = sorted(path.relative_to(HTML_DIR).as_posix() for path in HTML_DIR.rglob("*.html.gz"))
@@ -48,6 +50,8 @@ def by_url(found) -> dict:
 def assert_same_images(expected, actual, label: str) -> None:
     """Field by field, so that a failure names the field that differs."""
     assert (actual.title, actual.lang) == (expected.title, expected.lang), label
+    for meta in ("meta_robots", "meta_magiclens", "meta_tdm_reservation"):
+        assert getattr(actual, meta) == getattr(expected, meta), (label, meta)
     assert actual.skipped == expected.skipped, label
     assert len(actual.refs) == len(expected.refs), label
     for mine, theirs in zip(expected.refs, actual.refs):
@@ -85,7 +89,7 @@ def test_unknown_parser_is_an_error():
 
 
 def test_a_parser_failure_is_one_documented_error(monkeypatch):
-    def broken_parser(document):
+    def broken_parser(document, **options):
         raise RuntimeError("lexbor status 7")
 
     monkeypatch.setattr(extract, "LexborHTMLParser", broken_parser)
@@ -137,6 +141,24 @@ def test_srcset_rules(parser: str):
         ("p2.webp", "source srcset"),
         ("d2.jpg", "data-srcset"),
     ]
+
+
+def test_fast_url_resolution_agrees_with_urljoin(shared_data: Path, page_urls: dict):
+    """Most URLs are resolved by string concatenation; every image URL on the real pages must
+    come out as urljoin (with checking and escaping) makes it."""
+    compared = 0
+    for name in REAL_PAGES:
+        raw = extract._gather_lexbor(page_bytes(shared_data, name), extract.DEFAULT_MAX_REFS, 0)
+        resolver = extract._UrlResolver(page_urls.get(name, UNKNOWN_PAGE_URL), raw.base_href)
+        for attrs, sources in raw.images:
+            urls = [attrs[key] for key in ("src", *extract.LAZY_SRC_ATTRIBUTES) if attrs.get(key)]
+            for candidates in [attrs, *sources]:
+                for key in extract.SRCSET_ATTRIBUTES:
+                    urls += [url for url, _, _ in extract._srcset_candidates(candidates.get(key) or "", key)]
+            for url in urls:
+                assert resolver.resolve(url) == extract._absolute_url(url, resolver.base), (name, url)
+                compared += 1
+    assert compared > 5000
 
 
 def test_lazy_data_src_on_real_pages(shared_data: Path, page_urls: dict):
@@ -272,6 +294,55 @@ def test_declared_sizes_title_and_language(parser: str):
     other = "<html><head><meta http-equiv='Content-Language' content='fr, en'></head><body><img src=a.jpg>"
     assert extract_images(other, UNKNOWN_PAGE_URL, parser=parser).lang == "fr"
     assert extract_images("<img src=a.jpg>", UNKNOWN_PAGE_URL, parser=parser).lang == ""
+
+
+def test_image_refs_are_built_as_the_constructor_builds_them():
+    # extraction builds ImageRefs without the frozen dataclass's __init__, five times slower
+    values = ("https://example.org/a.jpg", "alt", "title", "context", 640, None, 3, "srcset")
+    fast, slow = extract._image_ref(*values), ImageRef(*values)
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert vars(fast) == vars(slow) and list(vars(fast)) == [field.name for field in dataclasses.fields(ImageRef)]
+    assert pickle.loads(pickle.dumps(fast)) == slow
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.url = "https://example.org/b.jpg"
+
+
+# ---- page-level opt-outs ---------------------------------------------------------------------
+
+
+def test_opt_out_metas_on_real_pages(shared_data: Path, page_urls: dict):
+    # three <meta name="robots"> on one page, joined in page order
+    name = "article-extraction-benchmark/b37be3535e1fb61e5a238b7fa1ead1ad98b651cb09f138efadac3d54a122fb21.html.gz"
+    found = extract_images(page_bytes(shared_data, name), page_urls[name])
+    assert found.meta_robots == "noarchive,noodp, index,follow,noodp, ACAP allow-index"
+    assert (found.meta_magiclens, found.meta_tdm_reservation) == ("", "")
+    # the content as written: <meta name="robots" content="NOODP,NOYDIR"/>
+    assert extract_images(page_bytes(shared_data, "readability/bbc-1.html.gz"), UNKNOWN_PAGE_URL).meta_robots == "NOODP,NOYDIR"
+    chip = extract_images(page_bytes(shared_data, "trafilatura/chip.de.tests.html.gz"), UNKNOWN_PAGE_URL)
+    assert chip.meta_robots == "noindex, follow"
+    # a page without any: telegraph
+    found = extract_images(page_bytes(shared_data, "readability/telegraph.html.gz"), UNKNOWN_PAGE_URL)
+    assert (found.meta_robots, found.meta_magiclens, found.meta_tdm_reservation) == ("", "", "")
+
+
+@pytest.mark.parametrize("parser", ["lexbor", "bs4"])
+def test_opt_out_meta_rules(parser: str):
+    html = """<html><head>
+    <meta name="ROBOTS" content="noai">
+    <meta NAME=" robots " CONTENT="noimageai">
+    <meta name="robots"><meta name="robots" content="">
+    <meta name="googlebot" content="noindex"><meta http-equiv="robots" content="noarchive">
+    <meta name="MagicLens" content="  noai  ">
+    <template><meta name="tdm-reservation" content="0"></template>
+    </head><body><img src="a.jpg">
+    <p>a meta out of place still counts <meta name="tdm-reservation" content="1"></p>"""
+    found = extract_images(html, UNKNOWN_PAGE_URL, parser=parser)
+    assert found.meta_robots == "noai, noimageai"  # names without regard to case or spaces around
+    assert found.meta_magiclens == "  noai  "  # the raw content
+    assert found.meta_tdm_reservation == "1"  # a <template>'s content is not part of the page
+    assert [ref.url for ref in found.refs] == ["https://example.org/dir/a.jpg"]
+    bare = extract_images("<img src=a.jpg>", UNKNOWN_PAGE_URL, parser=parser)
+    assert (bare.meta_robots, bare.meta_magiclens, bare.meta_tdm_reservation) == ("", "", "")
 
 
 # ---- skipped references ----------------------------------------------------------------------
