@@ -31,10 +31,12 @@ setup(
     ],
     extras_require={
         # training, evaluation and CLIP scoring
-        "model": ["torch>=2.3", "transformers>=5.0", "safetensors>=0.4", "fsspec>=2023.1", "tqdm>=4.66",
+        "model": ["torch>=2.3", "transformers>=5.0", "safetensors>=0.4", "fsspec>=2023.1",
+                  "msgpack>=1.0",  # reads the released Flax checkpoints (convert-official) "tqdm>=4.66",
                   "tensorboard>=2.15"],
         "gcp": ["apache-beam[gcp]>=2.60", "gcsfs>=2023.1"],  # gcsfs: training data on gs://
-        "vllm": ["vllm>=0.8"],  # the offline batch engine for GPU workers (--writer vllm)
+        "vllm": ["vllm>=0.8"],
+        "faiss": ["faiss-cpu>=1.8"],  # approximate search for large indexes (magiclens search --faiss)  # the offline batch engine for GPU workers (--writer vllm)
         # tests: gs:// paths run against a local GCS emulator
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "apache-beam[gcp]>=2.60", "gcp-storage-emulator>=2024.8"],
     },

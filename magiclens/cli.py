@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "instruct": ("pipeline.instruct", "write instructions for mined pairs: triplets (Beam)", True),
     "report": ("pipeline.report", "rebuild report.html of a mine or instruct run", False),
     "train": ("model.train", "train MagicLens on triplet Parquet shards", False),
-    "evaluate": ("model.evaluate", "evaluate a checkpoint: recall@k and mAP@k", False),
+    "evaluate": ("model.evaluate", "evaluate a checkpoint: recall@k and mAP@k, or a standard benchmark", False),
+    "index": ("model.index", "embed images (files, folders, globs, Parquet) into a searchable index", False),
+    "search": ("model.search", "search an index with an image and an instruction", False),
+    "convert-official": ("model.convert_official", "convert the released MagicLens Flax weights to a checkpoint", False),
 }
 
 

@@ -135,11 +135,9 @@ def load_cirr(data_dir: Path, split: str) -> Task:
     task = Task("cirr", split, list(relative_paths), [images / path for path in relative_paths.values()])
     for number, entry in enumerate(captions):
         reference = _field(entry, "reference", captions_file, number)
-        if reference not in relative_paths:
-            raise BenchmarkDataError(f"{captions_file}: entry {number}'s reference {reference} is not in the image split")
         members = _field(_field(entry, "img_set", captions_file, number), "members", captions_file, number)
         target = _field(entry, "target_hard", captions_file, number) if split == "val" else None
-        strangers = [name for name in members + [target or reference] if name not in relative_paths]
+        strangers = [name for name in [reference, *members, *([target] if target else [])] if name not in relative_paths]
         if strangers:
             raise BenchmarkDataError(f"{captions_file}: entry {number} names {strangers[0]}, which is not in the image split")
         task.queries.append(
@@ -437,6 +435,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         if not args.benchmark or not args.data_dir:
             raise BenchmarkDataError("give --benchmark circo|cirr|fashioniq and --data-dir DIR")
+        if not Path(args.data_dir).is_dir():
+            raise BenchmarkDataError(f"--data-dir {args.data_dir} is not a folder")
         model, _, preprocess = load_checkpoint(args.checkpoint, device)
         report = evaluate_benchmark(
             model,

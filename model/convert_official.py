@@ -278,31 +278,37 @@ def conversion_rules(config: ModelConfig) -> list[Rule]:
     return rules
 
 
-def load_official_params(model: MagicLens, params: dict[str, np.ndarray], size_hint: str = "") -> None:
-    """Copy the official parameters into `model`, checking that every name and shape matches and
-    that nothing is left over on either side."""
-    rules = conversion_rules(model.config)
-    torch_params = dict(model.named_parameters())
-    unmapped = set(torch_params) - {rule.torch_name for rule in rules}
-    if unmapped:  # the model grew a parameter that the map does not know: a bug here, not bad input
-        raise RuntimeError(f"no official parameter is mapped to {sorted(unmapped)}")
+def check_official_params(params: dict[str, np.ndarray], config: ModelConfig, size_hint: str = "") -> list[Rule]:
+    """The conversion rules of `config`, after checking that the official parameters have exactly
+    their names and shapes (before any model is built: a wrong file fails at once)."""
+    rules = conversion_rules(config)
     missing = [rule.official_name for rule in rules if rule.official_name not in params]
     unexpected = sorted(set(params) - {rule.official_name for rule in rules})
     hint = f" Is this the {size_hint} checkpoint? Give the --size it was released as." if size_hint else ""
     if missing or unexpected:
         raise ConversionError(
-            f"the parameter tree does not match MagicLens {model.config.name}: "
+            f"the parameter tree does not match MagicLens {config.name}: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}).{hint}"
         )
     for rule in rules:
-        array = params[rule.official_name]
-        if array.shape != rule.official_shape:
+        if params[rule.official_name].shape != rule.official_shape:
             raise ConversionError(
-                f"{rule.official_name} has shape {array.shape}, but MagicLens {model.config.name} "
+                f"{rule.official_name} has shape {params[rule.official_name].shape}, but MagicLens {config.name} "
                 f"needs {rule.official_shape}.{hint}"
             )
-        value = torch.from_numpy(np.array(rule.transform(array), dtype=np.float32, order="C"))
-        with torch.no_grad():
+    return rules
+
+
+def load_official_params(model: MagicLens, params: dict[str, np.ndarray], size_hint: str = "") -> None:
+    """Copy the official parameters into `model`; every parameter on both sides is used once."""
+    rules = check_official_params(params, model.config, size_hint)
+    torch_params = dict(model.named_parameters())
+    unmapped = set(torch_params) - {rule.torch_name for rule in rules}
+    if unmapped:  # the model grew a parameter that the map does not know: a bug here, not bad input
+        raise RuntimeError(f"no official parameter is mapped to {sorted(unmapped)}")
+    with torch.no_grad():
+        for rule in rules:
+            value = torch.from_numpy(np.array(rule.transform(params[rule.official_name]), dtype=np.float32, order="C"))
             torch_params[rule.torch_name].copy_(value.reshape(torch_params[rule.torch_name].shape))
 
 
@@ -310,9 +316,10 @@ def convert(path: str | Path, size: str) -> MagicLens:
     """The released checkpoint at `path` as a MagicLens `size` model."""
     params = read_official_params(path)
     config = model_config(size)
-    model = MagicLens(config, bundled_clip_tokenizer())
     other = {"base": "large", "large": "base"}.get(size, "")
-    load_official_params(model, params, size_hint=other)
+    check_official_params(params, config, size_hint=other)
+    model = MagicLens(config, bundled_clip_tokenizer())
+    load_official_params(model, params)
     return model.eval()
 
 

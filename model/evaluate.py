@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from model import benchmarks
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DatasetError, DataPosition, RowGroup, TripletBatches, plan_row_groups
 from model.magiclens import MagicLens
@@ -31,13 +32,14 @@ MAP_AT = (5, 10, 25, 50)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a `magiclens train --output` directory")
-    parser.add_argument("--data", required=True, help="Parquet triplet shards: a file or a glob, local or gs://")
+    parser.add_argument("--data", help="Parquet triplet shards: a file or a glob, local or gs:// (or use --benchmark)")
     parser.add_argument("--batch-size", type=int, default=64, help="triplets embedded per batch")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes that decode images")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--json", action="store_true", help="print exactly one JSON object (metrics as fractions in [0, 1]) on stdout"
     )
+    benchmarks.add_benchmark_arguments(parser.add_argument_group("standard benchmarks (instead of --data)"))
 
 
 @dataclass
@@ -146,6 +148,11 @@ def retrieval_metrics(embedded: EmbeddedSet, chunk: int = 1024) -> dict[str, flo
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.batch_size < 1 or args.num_workers < 0:
         raise SystemExit("--batch-size must be at least 1 and --num-workers 0 or more")
+    if args.benchmark:
+        return benchmarks.run(args, extra)
+    if not args.data:
+        print("magiclens evaluate: give --data GLOB, or --benchmark NAME --data-dir DIR", file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, _, preprocess = load_checkpoint(args.checkpoint, device)

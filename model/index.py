@@ -27,10 +27,10 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -260,7 +260,7 @@ def _shard_files(index_dir: Path) -> list[tuple[Path, Path]]:
     return [(j.with_suffix(".npy"), j) for j in sorted(shards.glob("*.json")) if j.with_suffix(".npy").is_file()]
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as f:
         write(f)
@@ -272,7 +272,7 @@ class IndexSummary:
     embedded: int = 0  # in this run
     already_indexed: int = 0  # skipped: a complete shard accounts for them
     duplicates: int = 0  # in this run: bytes identical to an image already indexed
-    rejected: Counter = field(default_factory=Counter)  # in this run, by reason: unreadable, undecodable
+    rejected: Counter[str] = field(default_factory=Counter)  # in this run, by reason: unreadable, undecodable
     total: int = 0  # embeddings in the whole index
 
     def to_dict(self) -> dict[str, Any]:
