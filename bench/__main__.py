@@ -17,6 +17,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def _number(value: object, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'benchmark':<48}{'value':>12} {'unit':<16}{'baseline':>12}{'ratio':>9}  goal"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['name']:<48}{_number(row.get('value'), '.4g'):>12} {row.get('unit', ''):<16}"
+            f"{_number(row.get('baseline'), '.4g'):>12}{_number(row.get('ratio'), '.3f'):>9}  {row.get('goal', '')}"
+        )
+
+
 def main(argv: list[str]) -> int:
     wanted = set(argv)
     modules = sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
@@ -33,17 +48,7 @@ def main(argv: list[str]) -> int:
         rows.extend(module_rows)
         print(f"[bench] {name} done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     (HERE / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    header = f"{'benchmark':<44}{'value':>12} {'unit':<14}{'baseline':>12}{'ratio':>8}  goal"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        baseline = row.get("baseline")
-        ratio = row.get("ratio")
-        print(
-            f"{row['name']:<44}{row['value']:>12.4g} {row['unit']:<14}"
-            f"{baseline if baseline is None else format(baseline, '.4g'):>12}"
-            f"{'' if ratio is None else format(ratio, '.3f'):>8}  {row.get('goal', '')}"
-        )
+    print_table(rows)
     print(f"\nwritten: {HERE / 'results.json'}")
     return 0
 

@@ -317,9 +317,8 @@ def test_done_when_page_set_through_the_beam_transforms(shared_data, tmp_path):
     assert stats["clusters"].get("unresolved_edges", 0) == 0
 
 
-@pytest.mark.slow  # about 40 s on 2 cores; the Beam-level test above checks the same in less
 def test_done_when_page_set_through_magiclens_mine(shared_data, tmp_path):
-    """The same page set in a WARC, mined end to end. Passes once pipeline/mine.py wires the filters."""
+    """The same page set in a WARC, mined end to end."""
     from magiclens.cli import main
     from warcs import write_warc
 

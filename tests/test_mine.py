@@ -144,3 +144,42 @@ def test_bad_input_is_counted_and_the_rest_still_mined(shared_data, tmp_path):
     pairs = read_dataset(tmp_path / "out" / "pairs").to_pylist()
     pages = {row["page_url"] for row in pairs}
     assert f"{base}gallery" in pages and f"{base}latin1" in pages
+
+
+def test_srcset_lazy_base_href_and_exif_rotated_images_are_paired_upright(shared_data, tmp_path):
+    photos = shared_data / "images/photos/skimage"
+    upright = Image.open(photos / "coffee.png").convert("RGB")  # 600 x 400
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter: viewers rotate it 90 degrees clockwise to show it
+    upright.transpose(Image.Transpose.ROTATE_90).save(rotated, "JPEG", quality=95, exif=exif)
+    site = "http://site.test/media/"
+    images = {
+        f"{site}big/astronaut.jpg": (photos / "astronaut.png").read_bytes(),
+        f"{site}lazy/chelsea.jpg": (photos / "chelsea.png").read_bytes(),
+        f"{site}coffee-rotated.jpg": rotated.getvalue(),
+        f"{site}rocket.jpg": (photos / "rocket.jpg").read_bytes(),
+    }
+    page = (
+        '<html><head><base href="/media/"></head><body>'
+        '<img srcset="small/astronaut.jpg 200w, big/astronaut.jpg 800w" alt="an astronaut in a white suit">'
+        '<img src="data:image/gif;base64,R0lGODlhAQABAAAAACw=" data-src="lazy/chelsea.jpg" alt="a tabby cat">'
+        '<img src="coffee-rotated.jpg" alt="a cup of coffee on a saucer">'
+        '<img src="rocket.jpg" alt="a rocket on its launch pad">'
+        "</body></html>"
+    )
+    records = [(url, "image/jpeg", data) for url, data in images.items()]
+    records.append(("http://site.test/articles/space", "text/html; charset=utf-8", page.encode()))
+    warc = write_warc(tmp_path / "page.warc.gz", records)
+    stats = mine([str(warc)], tmp_path / "out", "--pairs-per-page", "6")
+    assert_balanced(stats)
+    rows = read_dataset(tmp_path / "out" / "pairs").to_pylist()
+    paired = {row[f"{side}_url"] for row in rows for side in ("query", "target")}
+    assert paired == set(images)  # srcset-only, lazy data-src and <base href> images, all paired
+    coffee = next(row[f"{side}_image"] for row in rows for side in ("query", "target")
+                  if row[f"{side}_url"] == f"{site}coffee-rotated.jpg")
+    stored = Image.open(io.BytesIO(coffee["bytes"])).convert("RGB")
+    assert stored.size == (512, 341)  # upright: landscape, as the photo was taken
+    expected = upright.resize(stored.size)
+    difference = sum(abs(a - b) for a, b in zip(stored.tobytes(), expected.tobytes())) / len(expected.tobytes())
+    assert difference < 12, difference  # the same picture, not a rotated one

@@ -186,3 +186,36 @@ def test_an_nsfw_model_without_an_nsfw_label_is_refused_with_a_clear_error(tiny_
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no 'nsfw' label"):
         NsfwModel(str(tmp_path))
+
+
+def test_magiclens_mine_with_a_tiny_local_clip_writes_scores_and_the_band_filters(tiny_clip, shared_data, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from magiclens.cli import main
+    from warcs import write_warc
+
+    site = "http://photos.test/"
+    records = [(f"{site}{name}", "image/jpeg", (shared_data / "images/photos/skimage" / name).read_bytes())
+               for name in PHOTOS]
+    tags = "".join(f'<img src="{site}{name}" alt="{alt}">' for name, alt in zip(PHOTOS, ALTS))
+    records.append((f"{site}gallery", "text/html", f"<html><body>{tags}</body></html>".encode()))
+    warc = write_warc(tmp_path / "gallery.warc.gz", records)
+
+    def mine(output: Path, *extra: str) -> tuple[list[dict], dict]:
+        argv = ["mine", "--input", str(warc), "--output", str(output), "--no-fetch", "--pairs-per-page", "10",
+                "--clip-model", tiny_clip, *extra]
+        assert main(argv) == 0
+        rows = pq.ParquetDataset([str(f) for f in sorted((output / "pairs").glob("*.parquet"))]).read().to_pylist()
+        return rows, json.loads((output / "stats.json").read_text())["stages"]
+
+    scored, _ = mine(tmp_path / "all")
+    assert len(scored) >= 4
+    assert all(row["scores"]["pair_similarity"] is not None for row in scored)
+    similarities = [row["scores"]["pair_similarity"] for row in scored]
+    low = midpoint_threshold(similarities, 2)
+    kept, stats = mine(tmp_path / "band", "--pair-similarity", f"{low},1")
+    assert {row["pair_id"] for row in kept} == {
+        row["pair_id"] for row in scored if row["scores"]["pair_similarity"] >= low}
+    assert stats["scores"]["rejected"]["pair_similarity_low"] == len(scored) - len(kept) > 0
