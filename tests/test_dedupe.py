@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import pickle
 from pathlib import Path
 
 import apache_beam as beam
@@ -15,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.accounting import REJECTS_TAG, counters_from_result, stats_from_counters
+from pipeline.accounting import REJECTS_TAG
 from pipeline.dedupe import (
     ClusteredPair,
     ClusterImages,
@@ -37,21 +36,7 @@ from pipeline.images import ImageRejected, normalize_image
 from pipeline.pairs import PageImage, PageInfo, PairingConfig
 from pipeline.postdecode import CheckDecodedImages, DecodedImageConfig
 from pipeline.records import ImageRef
-
-
-def run_collect(build, folder: Path) -> tuple[dict[str, list], dict]:
-    """Run a pipeline on the FnApiRunner; return the elements of the named outputs and the stats."""
-    pipeline = beam.Pipeline(runner="FnApiRunner")
-    outputs = build(pipeline)
-    for name, pcoll in outputs.items():
-        (pcoll
-         | f"Collect{name}" >> beam.combiners.ToList()
-         | f"Save{name}" >> beam.Map(lambda items, path: Path(path).write_bytes(pickle.dumps(items)),
-                                     str(folder / f"{name}.pkl")))
-    result = pipeline.run()
-    result.wait_until_finish()
-    collected = {name: pickle.loads((folder / f"{name}.pkl").read_bytes()) for name in outputs}
-    return collected, stats_from_counters(counters_from_result(result))
+from beam_run import run_collect
 
 
 def assert_balanced(stats: dict) -> None:

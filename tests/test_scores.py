@@ -6,7 +6,6 @@ is then loaded by path exactly as a real model would be. The images are real sha
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import apache_beam as beam
@@ -15,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from pipeline.accounting import REJECTS_TAG, counters_from_result, stats_from_counters  # noqa: E402
+from beam_run import run_collect  # noqa: E402
+from pipeline.accounting import REJECTS_TAG  # noqa: E402
 from pipeline.filters import FilterConfig  # noqa: E402
 from pipeline.images import normalize_image  # noqa: E402
 from pipeline.pairs import PageImage, PageInfo, PairingConfig, choose_pairs, pair_row  # noqa: E402
@@ -79,20 +79,6 @@ def pair_rows(shared_data) -> list[dict]:
                        position=position, source="src")
         images.append(PageImage(page, ref, image))
     return [pair_row(q, t) for q, t in choose_pairs(images, PairingConfig(pairs_per_page=10))]
-
-
-def run_collect(build, folder: Path) -> tuple[dict[str, list], dict]:
-    pipeline = beam.Pipeline(runner="FnApiRunner")
-    outputs = build(pipeline)
-    for name, pcoll in outputs.items():
-        (pcoll
-         | f"Collect{name}" >> beam.combiners.ToList()
-         | f"Save{name}" >> beam.Map(lambda items, path: Path(path).write_bytes(pickle.dumps(items)),
-                                     str(folder / f"{name}.pkl")))
-    result = pipeline.run()
-    result.wait_until_finish()
-    collected = {name: pickle.loads((folder / f"{name}.pkl").read_bytes()) for name in outputs}
-    return collected, stats_from_counters(counters_from_result(result))
 
 
 def test_clip_scores_are_cosines_null_without_text_and_independent_of_the_batch(tiny_clip, pair_rows):
