@@ -81,7 +81,11 @@ class PageImages:
 
 @dataclass(frozen=True)
 class NormalizedImage:
-    """An image decoded, oriented upright, converted to RGB, resized and re-encoded as JPEG."""
+    """An image decoded, oriented upright, converted to RGB, resized and re-encoded as JPEG.
+
+    A baseline RGB JPEG already within the size limit and without camera metadata is kept byte for
+    byte (no second lossy encoding).
+    """
 
     jpeg: bytes
     width: int  # of the stored (resized) image
