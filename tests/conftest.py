@@ -17,3 +17,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real test data not found at {SHARED_DATA}: clone the project beside ../shared")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Two cores shared by several test processes: one intra-op thread avoids oversubscription."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,7 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from magiclens.cli import main
@@ -69,12 +68,7 @@ def compositional_triplets(drawings_per_combination: int, seed: int) -> list[dic
     return rows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UKBENCH = "images/neardup/imagededup-ukbench/base_images"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several test processes: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
