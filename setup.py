@@ -2,13 +2,25 @@
 
 from setuptools import find_packages, setup
 
+FOLDERS = ("pipeline", "model", "prompts")
+PACKAGES = ["magiclens"] + [
+    f"magiclens.{package}" for package in find_packages(include=[f"{folder}*" for folder in FOLDERS])
+]
+PACKAGE_DIR = {"magiclens": "magiclens"} | {
+    package: package.removeprefix("magiclens.").replace(".", "/") for package in PACKAGES[1:]
+}
+
 setup(
     name="magiclens",
     version="0.1.0",
     description="Open MagicLens data engine: mine image-instruction-image triplets, train and search",
     python_requires=">=3.11",
-    packages=find_packages(include=["magiclens", "pipeline*", "model*", "prompts"]),
-    package_data={"prompts": ["*.yaml"], "model": ["assets/*"]},
+    # The folders pipeline/, model/ and prompts/ stay at the top of the repository (its layout shows the
+    # architecture) but install under `magiclens.`, so no generic top-level name collides with
+    # another project's in a user's environment.
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"magiclens.prompts": ["*.yaml"], "magiclens.model": ["assets/*"]},
     include_package_data=True,
     install_requires=[
         "apache-beam>=2.60",  # the pipelines, their runners, FileSystems, Metrics, WriteToParquet
@@ -32,13 +44,15 @@ setup(
     extras_require={
         # training, evaluation and CLIP scoring
         "model": ["torch>=2.3", "transformers>=5.0", "safetensors>=0.4", "fsspec>=2023.1",
-                  "msgpack>=1.0",  # reads the released Flax checkpoints (convert-official) "tqdm>=4.66",
+                  "msgpack>=1.0",  # reads the released Flax checkpoints (convert-official)
+                  "tqdm>=4.66",  # progress of evaluate and index
                   "tensorboard>=2.15"],
         "gcp": ["apache-beam[gcp]>=2.60", "gcsfs>=2023.1"],  # gcsfs: training data on gs://
-        "vllm": ["vllm>=0.8"],
-        "faiss": ["faiss-cpu>=1.8"],  # approximate search for large indexes (magiclens search --faiss)  # the offline batch engine for GPU workers (--writer vllm)
+        "vllm": ["vllm>=0.8"],  # the offline batch engine for GPU workers (--writer vllm)
+        "faiss": ["faiss-cpu>=1.8"],  # approximate search for large indexes (magiclens search --faiss)
         # tests: gs:// paths run against a local GCS emulator
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "apache-beam[gcp]>=2.60", "gcp-storage-emulator>=2024.8"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "apache-beam[gcp]>=2.60", "gcp-storage-emulator>=2024.8",
+                "faiss-cpu>=1.8"],  # the --faiss search path is tested too,
     },
     entry_points={"console_scripts": ["magiclens=magiclens.cli:main"]},
 )

@@ -28,12 +28,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from pipeline.dedupe import DedupeConfig, component_labels, hamming
-from pipeline.extract import extract_images
-from pipeline.filters import RefFilterConfig, filter_page_refs
-from pipeline.images import ImageRejected, normalize_image
-from pipeline.records import Page
-from pipeline.warc import read_warc
+from magiclens.pipeline.dedupe import DedupeConfig, component_labels, hamming
+from magiclens.pipeline.extract import extract_images
+from magiclens.pipeline.filters import RefFilterConfig, filter_page_refs
+from magiclens.pipeline.images import ImageRejected, normalize_image
+from magiclens.pipeline.records import Page
+from magiclens.pipeline.warc import read_warc
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 NEARDUP = SHARED / "images" / "neardup"

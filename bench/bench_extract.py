@@ -13,7 +13,7 @@ from pathlib import Path
 
 from selectolax.lexbor import LexborHTMLParser
 
-from pipeline.extract import extract_images
+from magiclens.pipeline.extract import extract_images
 
 HTML_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "html"
 ROUNDS = 20

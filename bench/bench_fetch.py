@@ -26,9 +26,9 @@ from pathlib import Path
 
 import aiohttp
 
-from pipeline.fetch import FetchConfig, Fetcher, FetchWorker
-from pipeline.images import ImageRejected, normalize_image
-from pipeline.records import Reject
+from magiclens.pipeline.fetch import FetchConfig, Fetcher, FetchWorker
+from magiclens.pipeline.images import ImageRejected, normalize_image
+from magiclens.pipeline.records import Reject
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT.parent / "shared" / "data" / "images"

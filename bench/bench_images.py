@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.images import normalize_image
+from magiclens.pipeline.images import normalize_image
 
 IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "images"
 ROUNDS = 5

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.writers.prompt import CAPTION, INSTRUCTION, Prompt, caption_request, compiled_template, instruction_request, load_prompt
+from magiclens.pipeline.writers.prompt import CAPTION, INSTRUCTION, Prompt, caption_request, compiled_template, instruction_request, load_prompt
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 HTML = SHARED / "html"
@@ -50,7 +50,7 @@ RENDER_ROUNDS = 3
 
 def token_counter() -> tuple[str, Callable[[str], int]]:
     """CLIP's BPE, built offline from the merges file that ships in model/assets/."""
-    from model.tokenizer import bundled_clip_tokenizer
+    from magiclens.model.tokenizer import bundled_clip_tokenizer
 
     tokenizer = bundled_clip_tokenizer()
     tokenizer.model_max_length = 1 << 30  # count, never cut
@@ -59,7 +59,7 @@ def token_counter() -> tuple[str, Callable[[str], int]]:
 
 def page_pairs() -> list[dict]:
     """Pairs of consecutive image references of each real page, with their web text."""
-    from pipeline.extract import extract_images
+    from magiclens.pipeline.extract import extract_images
 
     urls = dict(line.split("\t")[-2:] for line in (HTML / "INDEX.tsv").read_text().splitlines()[1:])
     pairs = []

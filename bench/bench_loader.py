@@ -24,9 +24,9 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model.data import TripletBatches, plan_row_groups, write_triplets
-from model.tokenizer import bundled_clip_tokenizer
-from pipeline.images import ImageRejected, normalize_image
+from magiclens.model.data import TripletBatches, plan_row_groups, write_triplets
+from magiclens.model.tokenizer import bundled_clip_tokenizer
+from magiclens.pipeline.images import ImageRejected, normalize_image
 
 IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "images"
 TRIPLETS = 960

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastwarc.warc import ArchiveIterator
 
-from pipeline.warc import read_warc
+from magiclens.pipeline.warc import read_warc
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "warc"
 ROUNDS = 7

@@ -34,9 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.checkpoint import build_model  # noqa: E402
-from model.data import TripletBatches, plan_row_groups, write_triplets  # noqa: E402
-from model.train import BATCH_TENSORS, TripletForward, optimizer_for, triplet_loss  # noqa: E402
+from magiclens.model.checkpoint import build_model  # noqa: E402
+from magiclens.model.data import TripletBatches, plan_row_groups, write_triplets  # noqa: E402
+from magiclens.model.train import BATCH_TENSORS, TripletForward, optimizer_for, triplet_loss  # noqa: E402
 
 # dense bf16 tensor-core peaks, FLOP/s
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L4": 121e12}
@@ -52,7 +52,7 @@ def _peak_flops(name: str, override_tflops: float | None) -> float:
 
 
 def _write_shards(images: Path, directory: Path, triplets: int) -> str:
-    from pipeline.images import ImageRejected, normalize_image
+    from magiclens.pipeline.images import ImageRejected, normalize_image
 
     stored = []
     for path in sorted(p for folder in ("photos", "neardup") for p in (images / folder).rglob("*") if p.is_file()):

@@ -16,14 +16,14 @@ from magiclens import __version__
 
 # name -> (module, one-line description, whether unknown arguments are passed through)
 COMMANDS: dict[str, tuple[str, str, bool]] = {
-    "mine": ("pipeline.mine", "mine same-page image pairs from WARC files (Beam)", True),
-    "instruct": ("pipeline.instruct", "write instructions for mined pairs: triplets (Beam)", True),
-    "report": ("pipeline.report", "rebuild report.html of a mine or instruct run", False),
-    "train": ("model.train", "train MagicLens on triplet Parquet shards", False),
-    "evaluate": ("model.evaluate", "evaluate a checkpoint: recall@k and mAP@k, or a standard benchmark", False),
-    "index": ("model.index", "embed images (files, folders, globs, Parquet) into a searchable index", False),
-    "search": ("model.search", "search an index with an image and an instruction", False),
-    "convert-official": ("model.convert_official", "convert the released MagicLens Flax weights to a checkpoint", False),
+    "mine": ("magiclens.pipeline.mine", "mine same-page image pairs from WARC files (Beam)", True),
+    "instruct": ("magiclens.pipeline.instruct", "write instructions for mined pairs: triplets (Beam)", True),
+    "report": ("magiclens.pipeline.report", "rebuild report.html of a mine or instruct run", False),
+    "train": ("magiclens.model.train", "train MagicLens on triplet Parquet shards", False),
+    "evaluate": ("magiclens.model.evaluate", "evaluate a checkpoint: recall@k and mAP@k, or a standard benchmark", False),
+    "index": ("magiclens.model.index", "embed images (files, folders, globs, Parquet) into a searchable index", False),
+    "search": ("magiclens.model.search", "search an index with an image and an instruction", False),
+    "convert-official": ("magiclens.model.convert_official", "convert the released MagicLens Flax weights to a checkpoint", False),
 }
 
 

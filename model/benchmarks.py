@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.index import ImageRef, decoded_batches, embed_decoded
-from model.magiclens import MagicLens
-from model.preprocess import PreprocessConfig
+from magiclens.model.checkpoint import CheckpointError, load_checkpoint
+from magiclens.model.index import ImageRef, decoded_batches, embed_decoded
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import PreprocessConfig
 
 BENCHMARKS = ("circo", "cirr", "fashioniq")
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")

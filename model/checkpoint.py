@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from model.config import ModelConfig, model_config
-from model.magiclens import MagicLens
-from model.preprocess import PreprocessConfig
-from model.tokenizer import bundled_clip_tokenizer, load_tokenizer
+from magiclens.model.config import ModelConfig, model_config
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import PreprocessConfig
+from magiclens.model.tokenizer import bundled_clip_tokenizer, load_tokenizer
 
 CONFIG_FILE = "magiclens.json"
 WEIGHTS_FILE = "model.safetensors"

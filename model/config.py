@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import CLIPConfig
 
-from model.tokenizer import CONTEXT_LENGTH
+from magiclens.model.tokenizer import CONTEXT_LENGTH
 
 MODEL_NAMES = ("tiny", "base", "large")
 

@@ -42,11 +42,11 @@ import msgpack
 import numpy as np
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.config import MODEL_NAMES, ModelConfig, model_config
-from model.magiclens import MagicLens
-from model.preprocess import PreprocessConfig
-from model.tokenizer import bundled_clip_tokenizer
+from magiclens.model.checkpoint import save_checkpoint
+from magiclens.model.config import MODEL_NAMES, ModelConfig, model_config
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import PreprocessConfig
+from magiclens.model.tokenizer import bundled_clip_tokenizer
 
 _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 3

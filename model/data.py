@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from model.preprocess import ImageDecodeError, decode_image
-from model.tokenizer import tokenize
+from magiclens.model.preprocess import ImageDecodeError, decode_image
+from magiclens.model.tokenizer import tokenize
 
 REQUIRED_COLUMNS = ("triplet_id", "query_image", "instruction", "target_image")
 IMAGE_COLUMNS = ("query_image", "target_image")

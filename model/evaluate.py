@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from model import benchmarks
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.data import DatasetError, DataPosition, RowGroup, TripletBatches, plan_row_groups
-from model.magiclens import MagicLens
-from model.preprocess import PreprocessConfig, to_model_input
+from magiclens.model import benchmarks
+from magiclens.model.checkpoint import CheckpointError, load_checkpoint
+from magiclens.model.data import DatasetError, DataPosition, RowGroup, TripletBatches, plan_row_groups
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import PreprocessConfig, to_model_input
 
 RECALL_AT = (1, 5, 10, 50)
 MAP_AT = (5, 10, 25, 50)

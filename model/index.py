@@ -39,9 +39,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, resolve_checkpoint
-from model.magiclens import MagicLens
-from model.preprocess import ImageDecodeError, PreprocessConfig, decode_image, to_model_input
+from magiclens.model.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, resolve_checkpoint
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import ImageDecodeError, PreprocessConfig, decode_image, to_model_input
 
 INDEX_FILE = "index.json"
 SHARDS_DIR = "shards"

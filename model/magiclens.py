@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from model.config import HeadConfig, ModelConfig
-from model.tokenizer import tokenize
+from magiclens.model.config import HeadConfig, ModelConfig
+from magiclens.model.tokenizer import tokenize
 
 LOGIT_CAP = 50.0
 # 1 / softplus(0): with per_dim_scale at 0 the query scale is exactly 1 / sqrt(head_dim)

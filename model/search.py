@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.index import (
+from magiclens.model.checkpoint import CheckpointError, load_checkpoint
+from magiclens.model.index import (
     FAISS_FILE,
     FAISS_RECORD,
     ImageReader,
@@ -38,8 +38,8 @@ from model.index import (
     import_faiss,
     load_index,
 )
-from model.magiclens import MagicLens
-from model.preprocess import ImageDecodeError, PreprocessConfig, decode_image
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import ImageDecodeError, PreprocessConfig, decode_image
 
 THUMBNAIL_SIZE = 256
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.checkpoint import (
+from magiclens.model.checkpoint import (
     LATEST_FILE,
     CheckpointError,
     build_model,
@@ -39,11 +39,11 @@ from model.checkpoint import (
     point_latest,
     save_checkpoint,
 )
-from model.config import MODEL_NAMES
-from model.data import DatasetError, DataPosition, TripletBatches, plan_row_groups, sum_rejects
-from model.loss import contrastive_loss
-from model.magiclens import MagicLens
-from model.preprocess import PreprocessConfig, to_model_input
+from magiclens.model.config import MODEL_NAMES
+from magiclens.model.data import DatasetError, DataPosition, TripletBatches, plan_row_groups, sum_rejects
+from magiclens.model.loss import contrastive_loss
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import PreprocessConfig, to_model_input
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature
 BATCH_TENSORS = ("query_pixels", "query_max", "input_ids", "target_pixels", "target_max", "target_hash", "query_hash")

@@ -15,7 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
-from pipeline.records import Reject
+from magiclens.pipeline.records import Reject
 
 NAMESPACE = "magiclens"
 REJECTS_TAG = "rejects"

@@ -24,11 +24,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadAllFromParquet, WriteToParquet
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
-from pipeline.writers import WriterRejected
-from pipeline.writers.chat import GenerationBackend, GenerationModelHandler, GenerationTask, RejectFailedBatch, TokenCounters
-from pipeline.writers.prompt import Prompt, caption_request
-from pipeline.writers.validate import check_caption, parse_answer
+from magiclens.pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
+from magiclens.pipeline.writers import WriterRejected
+from magiclens.pipeline.writers.chat import GenerationBackend, GenerationModelHandler, GenerationTask, RejectFailedBatch, TokenCounters
+from magiclens.pipeline.writers.prompt import Prompt, caption_request
+from magiclens.pipeline.writers.validate import check_caption, parse_answer
 
 STAGE = "captions"
 MISSING_TAG = "missing"

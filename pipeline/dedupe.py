@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 
-from pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
-from pipeline.pairs import PageImage, PairingConfig, choose_pairs, drop_duplicates, pair_row
+from magiclens.pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
+from magiclens.pipeline.pairs import PageImage, PairingConfig, choose_pairs, drop_duplicates, pair_row
 
 HASH_BITS = 64
 # Cells of the distance matrix computed at once when verifying one bucket (bounds memory).

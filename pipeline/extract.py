@@ -44,7 +44,7 @@ import webencodings
 from bs4 import BeautifulSoup, NavigableString
 from selectolax.lexbor import LexborDocumentOptions, LexborHTMLParser
 
-from pipeline.records import ImageRef, PageImages
+from magiclens.pipeline.records import ImageRef, PageImages
 
 PARSERS = ("lexbor", "bs4")
 DEFAULT_MAX_REFS = 1000  # <img> elements examined per page; the rest are one `too_many_images` entry

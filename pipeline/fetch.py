@@ -75,17 +75,17 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from magiclens import __version__
-from pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
-from pipeline.images import ImageRejected, normalize_image
-from pipeline.netguard import (
+from magiclens.pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
+from magiclens.pipeline.images import ImageRejected, normalize_image
+from magiclens.pipeline.netguard import (
     ForbiddenAddress,
     GuardedResolver,
     IPNetwork,
     address_refusal,
     parse_allowed_networks,
 )
-from pipeline.records import NormalizedImage, Reject
-from pipeline.robots import (
+from magiclens.pipeline.records import NormalizedImage, Reject
+from magiclens.pipeline.robots import (
     MAX_ROBOTS_BYTES,
     USER_AGENT_TOKEN,
     RobotsPolicy,

@@ -37,9 +37,9 @@ from urllib.parse import unquote, urlsplit
 
 import ftfy
 
-from pipeline.dedupe import DedupeConfig
-from pipeline.postdecode import DecodedImageConfig
-from pipeline.records import ImageRef
+from magiclens.pipeline.dedupe import DedupeConfig
+from magiclens.pipeline.postdecode import DecodedImageConfig
+from magiclens.pipeline.records import ImageRef
 
 UNDETERMINED = "und"
 

@@ -24,7 +24,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.records import NormalizedImage
+from magiclens.pipeline.records import NormalizedImage
 
 # Pillow's own default for Image.MAX_IMAGE_PIXELS: about 0.25 GB once decoded as 24-bit RGB.
 DEFAULT_MAX_PIXELS = 89_478_485

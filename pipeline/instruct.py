@@ -26,8 +26,8 @@ from apache_beam.io.parquetio import ReadFromParquet, WriteToParquet
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from pipeline import schemas
-from pipeline.accounting import (
+from magiclens.pipeline import schemas
+from magiclens.pipeline.accounting import (
     REJECTS_TAG,
     StageCounters,
     counters_from_result,
@@ -35,12 +35,12 @@ from pipeline.accounting import (
     unbalanced_stages,
     write_json,
 )
-from pipeline.beam_options import configure_logging, pipeline_options
-from pipeline.captions import AttachCaptions, CaptionImages, default_captions_dir
-from pipeline.records import Reject
-from pipeline.report import write_report
-from pipeline.writers import WriterRejected
-from pipeline.writers.chat import (
+from magiclens.pipeline.beam_options import configure_logging, pipeline_options
+from magiclens.pipeline.captions import AttachCaptions, CaptionImages, default_captions_dir
+from magiclens.pipeline.records import Reject
+from magiclens.pipeline.report import write_report
+from magiclens.pipeline.writers import WriterRejected
+from magiclens.pipeline.writers.chat import (
     CAPTIONER_BACKENDS,
     WRITER_BACKENDS,
     GenerationModelHandler,
@@ -49,9 +49,9 @@ from pipeline.writers.chat import (
     TokenCounters,
     make_backend,
 )
-from pipeline.writers.prompt import CAPTION, INSTRUCTION, Prompt, instruction_request, load_prompt
-from pipeline.writers.template import TemplateWriter
-from pipeline.writers.validate import check_instructions, parse_answer, raw_output
+from magiclens.pipeline.writers.prompt import CAPTION, INSTRUCTION, Prompt, instruction_request, load_prompt
+from magiclens.pipeline.writers.template import TemplateWriter
+from magiclens.pipeline.writers.validate import check_instructions, parse_answer, raw_output
 
 LOG = logging.getLogger("magiclens.instruct")
 
@@ -278,7 +278,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.captioner != "none" and not args.captions and not default_captions_dir(args.pairs):
         raise SystemExit("--pairs is a glob or a file: give the caption cache directory with --captions DIR")
     if "vllm" in (args.writer, args.captioner):
-        from pipeline.writers.vllm import import_vllm
+        from magiclens.pipeline.writers.vllm import import_vllm
 
         import_vllm()
     if "openai" in (args.writer, args.captioner) and args.api_key_env and not os.environ.get(args.api_key_env):

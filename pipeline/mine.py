@@ -23,8 +23,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import WriteToParquet
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-from pipeline import schemas
-from pipeline.accounting import (
+from magiclens.pipeline import schemas
+from magiclens.pipeline.accounting import (
     REJECTS_TAG,
     StageCounters,
     counters_from_result,
@@ -32,19 +32,19 @@ from pipeline.accounting import (
     unbalanced_stages,
     write_json,
 )
-from pipeline.beam_options import configure_logging, pipeline_options
-from pipeline.commoncrawl import add_crawl_arguments, inputs_from_args, is_http_url
-from pipeline.dedupe import DedupeAndPair
-from pipeline.extract import extract_images
-from pipeline.fetch import FetchConfig, FetchImages, add_fetch_arguments
-from pipeline.filters import FilterConfig, add_filter_arguments, filter_page_refs
-from pipeline.images import ImageRejected, normalize_image
-from pipeline.pairs import PageImage, PageInfo, PairingConfig
-from pipeline.postdecode import CheckDecodedImages
-from pipeline.records import ImageRef, Page, PageImages, Reject
-from pipeline.report import write_report
-from pipeline.robots import robots_meta_opt_out, tdm_reserved, x_robots_opt_out
-from pipeline.warc import FILE_PROBLEMS, ReadLimits, SkippedRecord, read_warc
+from magiclens.pipeline.beam_options import configure_logging, pipeline_options
+from magiclens.pipeline.commoncrawl import add_crawl_arguments, inputs_from_args, is_http_url
+from magiclens.pipeline.dedupe import DedupeAndPair
+from magiclens.pipeline.extract import extract_images
+from magiclens.pipeline.fetch import FetchConfig, FetchImages, add_fetch_arguments
+from magiclens.pipeline.filters import FilterConfig, add_filter_arguments, filter_page_refs
+from magiclens.pipeline.images import ImageRejected, normalize_image
+from magiclens.pipeline.pairs import PageImage, PageInfo, PairingConfig
+from magiclens.pipeline.postdecode import CheckDecodedImages
+from magiclens.pipeline.records import ImageRef, Page, PageImages, Reject
+from magiclens.pipeline.report import write_report
+from magiclens.pipeline.robots import robots_meta_opt_out, tdm_reserved, x_robots_opt_out
+from magiclens.pipeline.warc import FILE_PROBLEMS, ReadLimits, SkippedRecord, read_warc
 
 LOG = logging.getLogger("magiclens.mine")
 
@@ -329,7 +329,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: MineConfig) -> None:
     rejects += [checked[REJECTS_TAG], paired["rejects"]]
     pairs = paired["pairs"]
     if config.filters.clip_model or config.filters.nsfw_model:
-        from pipeline.scores import ModelFilters  # imports torch: only when a model is asked for
+        from magiclens.pipeline.scores import ModelFilters  # imports torch: only when a model is asked for
 
         scored = pairs | "ModelFilters" >> ModelFilters(config.filters)
         pairs = scored["pairs"]

@@ -6,7 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from pipeline.records import ImageRef, NormalizedImage
+from magiclens.pipeline.records import ImageRef, NormalizedImage
 
 
 @dataclass(frozen=True)

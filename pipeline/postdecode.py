@@ -20,8 +20,8 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image
 
-from pipeline.accounting import StageCounters
-from pipeline.records import NormalizedImage
+from magiclens.pipeline.accounting import StageCounters
+from magiclens.pipeline.records import NormalizedImage
 
 # The variance is measured on a small copy: JPEG decodes straight to 1/8 scale (draft mode).
 _PROBE_SIZE = (64, 64)

@@ -30,7 +30,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from pipeline.accounting import read_json
+from magiclens.pipeline.accounting import read_json
 
 REPORT_NAME = "report.html"
 DEFAULT_SAMPLES = 24

@@ -36,7 +36,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 from PIL import Image
 
-from pipeline.accounting import REJECTS_TAG, StageCounters
+from magiclens.pipeline.accounting import REJECTS_TAG, StageCounters
 
 SIDES = ("query", "target")
 
@@ -97,7 +97,7 @@ class ClipModel:
         import torch
         from transformers import AutoImageProcessor, CLIPModel
 
-        from model.tokenizer import load_tokenizer
+        from magiclens.model.tokenizer import load_tokenizer
 
         self.torch = torch
         self.device = _device()

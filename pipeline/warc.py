@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-from pipeline.commoncrawl import open_warc
-from pipeline.records import ImageRecord, Page
+from magiclens.pipeline.commoncrawl import open_warc
+from magiclens.pipeline.records import ImageRecord, Page
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 CONTENT_RECORDS = WarcRecordType.response | WarcRecordType.resource | WarcRecordType.revisit

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import apache_beam as beam
 
-from pipeline.accounting import counters_from_result, stats_from_counters
+from magiclens.pipeline.accounting import counters_from_result, stats_from_counters
 
 
 def run_collect(build, folder: Path) -> tuple[dict[str, list], dict]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model import benchmarks
-from model.benchmarks import (
+from magiclens.model import benchmarks
+from magiclens.model.benchmarks import (
     BenchmarkDataError,
     Query,
     Task,
@@ -29,9 +29,9 @@ from model.benchmarks import (
     rank_gallery,
     rank_subsets,
 )
-from model.checkpoint import build_model, load_checkpoint, save_checkpoint
-from model.magiclens import MagicLens
-from model.preprocess import PreprocessConfig, images_to_model_input
+from magiclens.model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import PreprocessConfig, images_to_model_input
 
 PHOTOS = [
     "skimage/coffee.png",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fastwarc.warc import ArchiveIterator
 
-from pipeline.commoncrawl import (
+from magiclens.pipeline.commoncrawl import (
     HttpRangeError,
     ResumableHttpReader,
     add_crawl_arguments,

@@ -21,13 +21,13 @@ import pytest
 import torch
 from transformers import CLIPConfig
 
-from model import convert_official
-from model.checkpoint import load_checkpoint
-from model.config import model_config
-from model.convert_official import ConversionError, conversion_rules, load_official_params, read_official_params
-from model.magiclens import MagicLens
-from model.preprocess import PreprocessConfig, images_to_model_input
-from model.tokenizer import bundled_clip_tokenizer, tokenize
+from magiclens.model import convert_official
+from magiclens.model.checkpoint import load_checkpoint
+from magiclens.model.config import model_config
+from magiclens.model.convert_official import ConversionError, conversion_rules, load_official_params, read_official_params
+from magiclens.model.magiclens import MagicLens
+from magiclens.model.preprocess import PreprocessConfig, images_to_model_input
+from magiclens.model.tokenizer import bundled_clip_tokenizer, tokenize
 
 INSTRUCTIONS = ["", "find a red mug but on a wooden table", "the inside of this building"]
 PHOTOS = ["skimage/coffee.png", "skimage/astronaut.png", "matplotlib/grace_hopper.jpg"]

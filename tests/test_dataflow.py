@@ -213,8 +213,8 @@ def test_mine_dataflow_job_is_built_pickled_and_staged_to_gcs(tmp_path, shared_d
                 payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
                 if payload.do_fn.urn == "beam:dofn:pickled_python_info:v1":
                     dofns[transform.unique_name] = pickler.loads(payload.do_fn.payload)[0]
-        ours = [dofn for dofn in dofns.values() if type(dofn).__module__.startswith("pipeline.")]
-        assert len(ours) >= 4 and "pipeline.mine" in {type(dofn).__module__ for dofn in ours}
+        ours = [dofn for dofn in dofns.values() if type(dofn).__module__.startswith("magiclens.pipeline.")]
+        assert len(ours) >= 4 and "magiclens.pipeline.mine" in {type(dofn).__module__ for dofn in ours}
         for dofn in ours:  # each resolves to the class the workers will import from the staged package
             assert getattr(importlib.import_module(type(dofn).__module__), type(dofn).__name__) is type(dofn)
         assert listing(f"{bucket}/mined/*") == []  # a template only: nothing ran

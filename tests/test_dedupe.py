@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.accounting import REJECTS_TAG
-from pipeline.dedupe import (
+from magiclens.pipeline.accounting import REJECTS_TAG
+from magiclens.pipeline.dedupe import (
     ClusteredPair,
     ClusterImages,
     CapPairsPerCluster,
@@ -31,11 +31,11 @@ from pipeline.dedupe import (
     near_pairs_in_bucket,
     select_page_images,
 )
-from pipeline.filters import RefFilterConfig, filter_page_refs
-from pipeline.images import ImageRejected, normalize_image
-from pipeline.pairs import PageImage, PageInfo, PairingConfig
-from pipeline.postdecode import CheckDecodedImages, DecodedImageConfig
-from pipeline.records import ImageRef
+from magiclens.pipeline.filters import RefFilterConfig, filter_page_refs
+from magiclens.pipeline.images import ImageRejected, normalize_image
+from magiclens.pipeline.pairs import PageImage, PageInfo, PairingConfig
+from magiclens.pipeline.postdecode import CheckDecodedImages, DecodedImageConfig
+from magiclens.pipeline.records import ImageRef
 from beam_run import run_collect
 
 

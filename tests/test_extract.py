@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-from pipeline import extract
-from pipeline.extract import (
+from magiclens.pipeline import extract
+from magiclens.pipeline.extract import (
     DUPLICATE_URL,
     EMPTY_URL,
     INVALID_URL,
@@ -23,7 +23,7 @@ from pipeline.extract import (
     ExtractError,
     extract_images,
 )
-from pipeline.records import ImageRef
+from magiclens.pipeline.records import ImageRef
 
 HTML_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "html"
 REAL_PAGES = sorted(path.relative_to(HTML_DIR).as_posix() for path in HTML_DIR.rglob("*.html.gz"))

@@ -31,7 +31,7 @@ from PIL import Image
 from yarl import URL
 
 from fetch_server import SiteServer
-from pipeline.fetch import (
+from magiclens.pipeline.fetch import (
     FETCHED_TAG,
     FetchConfig,
     FetchImages,
@@ -50,10 +50,10 @@ from pipeline.fetch import (
     redirect_target,
     retry_delay,
 )
-from pipeline.images import normalize_image
-from pipeline.netguard import ForbiddenAddress, GuardedResolver, address_refusal, parse_allowed_networks
-from pipeline.records import Reject
-from pipeline.robots import (
+from magiclens.pipeline.images import normalize_image
+from magiclens.pipeline.netguard import ForbiddenAddress, GuardedResolver, address_refusal, parse_allowed_networks
+from magiclens.pipeline.records import Reject
+from magiclens.pipeline.robots import (
     parse_robots,
     parse_tdmrep,
     path_matches,

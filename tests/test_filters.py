@@ -13,7 +13,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.filters import (
+from magiclens.pipeline.filters import (
     FilterConfig,
     RefFilterConfig,
     add_filter_arguments,
@@ -22,10 +22,10 @@ from pipeline.filters import (
     guess_language,
     page_language,
 )
-from pipeline.extract import extract_images
-from pipeline.images import normalize_image
-from pipeline.postdecode import DecodedImageConfig, decoded_image_problem, pixel_std
-from pipeline.records import ImageRef
+from magiclens.pipeline.extract import extract_images
+from magiclens.pipeline.images import normalize_image
+from magiclens.pipeline.postdecode import DecodedImageConfig, decoded_image_problem, pixel_std
+from magiclens.pipeline.records import ImageRef
 
 
 def ref(url: str, alt: str = "", position: int = 0, width: int | None = None, height: int | None = None,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.images import REJECT_REASONS, ImageRejected, normalize_image
-from pipeline.records import NormalizedImage
+from magiclens.pipeline.images import REJECT_REASONS, ImageRejected, normalize_image
+from magiclens.pipeline.records import NormalizedImage
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model import index, search
-from model.checkpoint import build_model, load_checkpoint, save_checkpoint
-from model.index import load_index
-from model.preprocess import images_to_model_input
+from magiclens.model import index, search
+from magiclens.model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from magiclens.model.index import load_index
+from magiclens.model.preprocess import images_to_model_input
 
 CHROMIUM = Path("/usr/bin/chromium")
 

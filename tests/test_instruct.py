@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from magiclens.cli import main
-from pipeline import schemas
+from magiclens.pipeline import schemas
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = {
@@ -234,9 +234,9 @@ def rejects_by_id(output: Path) -> dict[str, dict]:
 # A fresh interpreter in which every mining module and mining library fails to import.
 NO_MINING = """
 import importlib.abc, sys
-BLOCKED = {"pipeline.mine", "pipeline.warc", "pipeline.extract", "pipeline.images", "pipeline.pairs", "pipeline.fetch",
-           "pipeline.dedupe", "pipeline.netguard", "pipeline.robots", "pipeline.commoncrawl", "pipeline.filters",
-           "pipeline.postdecode", "pipeline.scores", "fastwarc", "selectolax", "bs4", "imagehash"}
+BLOCKED = {"magiclens.pipeline.mine", "magiclens.pipeline.warc", "magiclens.pipeline.extract", "magiclens.pipeline.images", "magiclens.pipeline.pairs", "magiclens.pipeline.fetch",
+           "magiclens.pipeline.dedupe", "magiclens.pipeline.netguard", "magiclens.pipeline.robots", "magiclens.pipeline.commoncrawl", "magiclens.pipeline.filters",
+           "magiclens.pipeline.postdecode", "magiclens.pipeline.scores", "fastwarc", "selectolax", "bs4", "imagehash"}
 class NoMining(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name in BLOCKED or name.split(".")[0] in BLOCKED:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from magiclens.cli import main
-from pipeline import schemas
+from magiclens.pipeline import schemas
 from warcs import write_warc
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import HEADS, model_config
-from model.magiclens import LayerNorm, MagicLens, PerDimScale
-from model.tokenizer import bundled_clip_tokenizer, tokenize
+from magiclens.model.config import HEADS, model_config
+from magiclens.model.magiclens import LayerNorm, MagicLens, PerDimScale
+from magiclens.model.tokenizer import bundled_clip_tokenizer, tokenize
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model.data import (
+from magiclens.model.data import (
     DatasetError,
     DataPosition,
     TripletBatches,
@@ -22,8 +22,8 @@ from model.data import (
     plan_row_groups,
     write_triplets,
 )
-from model.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig, decode_image, to_model_input
-from model.tokenizer import bundled_clip_tokenizer
+from magiclens.model.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig, decode_image, to_model_input
+from magiclens.model.tokenizer import bundled_clip_tokenizer
 
 UKBENCH = "images/neardup/imagededup-ukbench/base_images"
 

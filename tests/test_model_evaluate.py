@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.evaluate import EmbeddedSet, retrieval_metrics
+from magiclens.model.evaluate import EmbeddedSet, retrieval_metrics
 
 
 def test_metrics_on_a_hand_ranked_example() -> None:

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from magiclens.cli import main
-from model.data import write_triplets
+from magiclens.model.data import write_triplets
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 200, 30)}
 CHANCE = 1 / 12

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from model.loss import contrastive_loss
+from magiclens.model.loss import contrastive_loss
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from model.tokenizer import BPE_MERGES_FILE, bundled_clip_tokenizer, tokenize
+from magiclens.model.tokenizer import BPE_MERGES_FILE, bundled_clip_tokenizer, tokenize
 
 START, END = 49406, 49407
 

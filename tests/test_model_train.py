@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from magiclens.cli import main
-from model.checkpoint import build_model, load_checkpoint
-from model.data import write_triplets
-from model.preprocess import images_to_model_input
+from magiclens.model.checkpoint import build_model, load_checkpoint
+from magiclens.model.data import write_triplets
+from magiclens.model.preprocess import images_to_model_input
 
 ROOT = Path(__file__).resolve().parent.parent
 UKBENCH = "images/neardup/imagededup-ukbench/base_images"
@@ -157,8 +157,8 @@ def test_pretrained_backbone_from_a_local_directory(tmp_path):
     """--backbone loads CLIP weights and tokenizer from a directory (a hub id goes the same way)."""
     from transformers import CLIPModel
 
-    from model.config import default_clip_config
-    from model.tokenizer import bundled_clip_tokenizer
+    from magiclens.model.config import default_clip_config
+    from magiclens.model.tokenizer import bundled_clip_tokenizer
 
     torch.manual_seed(123)
     pretrained = CLIPModel(default_clip_config("tiny"))

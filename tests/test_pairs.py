@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.images import normalize_image
-from pipeline.pairs import (
+from magiclens.pipeline.images import normalize_image
+from magiclens.pipeline.pairs import (
     PageImage,
     PageInfo,
     PairingConfig,
@@ -12,7 +12,7 @@ from pipeline.pairs import (
     pair_row,
     text_informativeness,
 )
-from pipeline.records import ImageRef
+from magiclens.pipeline.records import ImageRef
 
 PAGE = PageInfo(url="http://example.org/gallery", title="Gallery", lang="en", crawl="test")
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from selectolax.lexbor import LexborHTMLParser
 
-from pipeline.writers.prompt import (
+from magiclens.pipeline.writers.prompt import (
     CAPTION,
     INSTRUCTION,
     PromptError,
@@ -23,8 +23,8 @@ from pipeline.writers.prompt import (
     prompt_from_dict,
     untrusted_text,
 )
-from pipeline.writers.validate import check_caption, check_instructions
-from prompts import bundled_prompt, bundled_prompt_names
+from magiclens.pipeline.writers.validate import check_caption, check_instructions
+from magiclens.prompts import bundled_prompt, bundled_prompt_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DELIMITERS = ("<page_title>", "</page_title>", "<query>", "</query>", "<target>", "</target>")

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from magiclens.cli import main
-from pipeline.report import (
+from magiclens.pipeline.report import (
     MAX_BARS,
     Histogram,
     escape,

@@ -15,12 +15,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from beam_run import run_collect  # noqa: E402
-from pipeline.accounting import REJECTS_TAG  # noqa: E402
-from pipeline.filters import FilterConfig  # noqa: E402
-from pipeline.images import normalize_image  # noqa: E402
-from pipeline.pairs import PageImage, PageInfo, PairingConfig, choose_pairs, pair_row  # noqa: E402
-from pipeline.records import ImageRef  # noqa: E402
-from pipeline.scores import (  # noqa: E402
+from magiclens.pipeline.accounting import REJECTS_TAG  # noqa: E402
+from magiclens.pipeline.filters import FilterConfig  # noqa: E402
+from magiclens.pipeline.images import normalize_image  # noqa: E402
+from magiclens.pipeline.pairs import PageImage, PageInfo, PairingConfig, choose_pairs, pair_row  # noqa: E402
+from magiclens.pipeline.records import ImageRef  # noqa: E402
+from magiclens.pipeline.scores import (  # noqa: E402
     ClipModel,
     DropNsfwPairs,
     ModelFilters,
@@ -37,7 +37,7 @@ ALTS = ["An astronaut in a white suit", "", "A cup of coffee on a saucer", "A ro
 def tiny_clip(tmp_path_factory) -> str:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from model.tokenizer import bundled_clip_tokenizer
+    from magiclens.model.tokenizer import bundled_clip_tokenizer
 
     torch.manual_seed(0)
     config = CLIPConfig(
@@ -145,7 +145,7 @@ def test_scores_are_written_and_the_bands_filter_in_beam(tiny_clip, pair_rows, t
 
 
 def test_nsfw_hook_drops_pairs_with_an_image_at_or_over_the_threshold(tiny_nsfw, pair_rows, shared_data, tmp_path):
-    from pipeline.scores import _decode
+    from magiclens.pipeline.scores import _decode
 
     model = NsfwModel(tiny_nsfw)
     highest = {

@@ -6,8 +6,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from pipeline.records import ImageRecord, Page
-from pipeline.warc import ReadLimits, SkippedRecord, read_warc
+from magiclens.pipeline.records import ImageRecord, Page
+from magiclens.pipeline.warc import ReadLimits, SkippedRecord, read_warc
 
 
 def kinds(path: Path | str) -> Counter:

@@ -15,12 +15,12 @@ import torch
 import yaml
 
 from magiclens.cli import main
-from pipeline.writers import WriterRejected
-from pipeline.writers.chat import ChatMessage, ChatRequest, GenerationTask, make_backend
-from pipeline.writers.openai import OpenAIBackend, image_data_url, request_payload, retry_delay
-from pipeline.writers.prompt import CAPTION, INSTRUCTION, caption_request, instruction_request, load_prompt
-from pipeline.writers.validate import check_caption, check_instructions, instruction_problem, parse_answer
-from pipeline.writers.vllm import MISSING_VLLM, chat_arguments, engine_arguments
+from magiclens.pipeline.writers import WriterRejected
+from magiclens.pipeline.writers.chat import ChatMessage, ChatRequest, GenerationTask, make_backend
+from magiclens.pipeline.writers.openai import OpenAIBackend, image_data_url, request_payload, retry_delay
+from magiclens.pipeline.writers.prompt import CAPTION, INSTRUCTION, caption_request, instruction_request, load_prompt
+from magiclens.pipeline.writers.validate import check_caption, check_instructions, instruction_problem, parse_answer
+from magiclens.pipeline.writers.vllm import MISSING_VLLM, chat_arguments, engine_arguments
 from test_instruct import ROOT, SCRIPTS, ScriptedOpenAI, answer, photo_side, read_dataset, write_pairs
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -141,7 +141,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path, shared_data):
 
 @pytest.mark.skipif(not HAS_VLLM or not torch.cuda.is_available(), reason="needs vllm and a GPU")
 def test_vllm_backend_generates_with_a_tiny_model(tmp_path):
-    from pipeline.writers.vllm import VLLMBackend
+    from magiclens.pipeline.writers.vllm import VLLMBackend
 
     folder = save_tiny_chat_model(tmp_path / "tiny", architecture="llama")
     backend = VLLMBackend(model=str(folder), engine_args={"enforce_eager": True, "gpu_memory_utilization": 0.2, "max_model_len": 4096})
@@ -236,7 +236,7 @@ def short_prompt(tmp_path_factory):
 
 
 def test_transformers_writer_generates_for_each_request(tiny_writer_model, short_prompt):
-    from pipeline.writers.transformers import TransformersBackend
+    from magiclens.pipeline.writers.transformers import TransformersBackend
 
     prompt = load_prompt(str(short_prompt), INSTRUCTION)
     pairs = [{"pair_id": f"p{i}", "query_alt": "a phone" * i, "target_alt": "a charger"} for i in range(3)]
@@ -268,7 +268,7 @@ def test_transformers_writer_garbage_goes_to_rejects_with_the_raw_output(tiny_wr
 
 
 def test_transformers_captioner_gives_the_model_each_image(tmp_path, shared_data):
-    from pipeline.writers.transformers import TransformersBackend
+    from magiclens.pipeline.writers.transformers import TransformersBackend
 
     folder = save_tiny_vision_model(tmp_path / "tiny-llava")
     prompt = load_prompt("caption", CAPTION)
@@ -305,7 +305,7 @@ def test_transformers_captioner_in_the_pipeline_rejects_garbage_captions(tmp_pat
 
 
 def test_transformers_model_without_a_chat_template_is_a_clear_error(tmp_path):
-    from pipeline.writers.transformers import TransformersBackend
+    from magiclens.pipeline.writers.transformers import TransformersBackend
 
     folder = save_tiny_chat_model(tmp_path / "tiny")
     config = json.loads((folder / "tokenizer_config.json").read_text())

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from pipeline.accounting import NAMESPACE, StageCounters
+from magiclens.pipeline.accounting import NAMESPACE, StageCounters
 
 LLM_BACKENDS = ("openai", "vllm", "transformers")
 WRITER_BACKENDS = ("template", *LLM_BACKENDS)
@@ -132,7 +132,7 @@ class RejectFailedBatch(beam.DoFn):
 def make_backend(name: str, args: argparse.Namespace, role: str) -> GenerationBackend:
     """The backend NAME configured from the command line, for the "writer" or the "captioner"."""
     if name == "template" and role == "writer":
-        from pipeline.writers.template import TemplateBackend
+        from magiclens.pipeline.writers.template import TemplateBackend
 
         return TemplateBackend(count=args.instructions_per_pair)
     model = (args.caption_model if role == "captioner" else None) or args.model
@@ -140,7 +140,7 @@ def make_backend(name: str, args: argparse.Namespace, role: str) -> GenerationBa
         flag = "--caption-model or --model" if role == "captioner" else "--model"
         raise SystemExit(f"--{role} {name} needs {flag}: the model to run (a served model name, a local path or a hub id)")
     if name == "openai":
-        from pipeline.writers.openai import OpenAIBackend
+        from magiclens.pipeline.writers.openai import OpenAIBackend
 
         endpoint = (args.caption_endpoint if role == "captioner" else None) or args.endpoint
         if not endpoint:
@@ -155,11 +155,11 @@ def make_backend(name: str, args: argparse.Namespace, role: str) -> GenerationBa
             backoff_s=args.retry_backoff,
         )
     if name == "vllm":
-        from pipeline.writers.vllm import VLLMBackend, engine_arguments
+        from magiclens.pipeline.writers.vllm import VLLMBackend, engine_arguments
 
         return VLLMBackend(model=model, engine_args=engine_arguments(args.vllm_arg))
     if name == "transformers":
-        from pipeline.writers.transformers import TransformersBackend
+        from magiclens.pipeline.writers.transformers import TransformersBackend
 
         return TransformersBackend(model=model, device=args.device, vision=role == "captioner")
     available = WRITER_BACKENDS if role == "writer" else LLM_BACKENDS

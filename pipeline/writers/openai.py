@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from pipeline.writers.chat import ChatMessage, ChatRequest, Generation, GenerationTask
-from pipeline.writers.validate import raw_output
+from magiclens.pipeline.writers.chat import ChatMessage, ChatRequest, Generation, GenerationTask
+from magiclens.pipeline.writers.validate import raw_output
 
 RETRIED_STATUSES = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 MAX_BACKOFF_S = 60.0

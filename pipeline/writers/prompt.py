@@ -27,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from jinja2 import StrictUndefined, Template, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
-from pipeline.writers.chat import ChatMessage, ChatRequest
+from magiclens.pipeline.writers.chat import ChatMessage, ChatRequest
 
 CAPTION = "caption"
 INSTRUCTION = "instruction"
@@ -131,7 +131,7 @@ class Prompt:
 
 def resolve_prompt_path(name_or_path: str) -> str:
     """A bare name ("instruct") means the shipped prompts/NAME.yaml; anything else is a path or URL."""
-    from prompts import bundled_prompt, bundled_prompt_names
+    from magiclens.prompts import bundled_prompt, bundled_prompt_names
 
     if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")):
         bundled = bundled_prompt(name_or_path)

@@ -13,8 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.writers import WriterRejected
-from pipeline.writers.chat import Generation, GenerationTask
+from magiclens.pipeline.writers import WriterRejected
+from magiclens.pipeline.writers.chat import Generation, GenerationTask
 
 PHRASINGS = (
     "{text}",

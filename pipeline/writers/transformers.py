@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.writers.chat import ChatMessage, ChatRequest, Generation, GenerationTask
+from magiclens.pipeline.writers.chat import ChatMessage, ChatRequest, Generation, GenerationTask
 
 
 def text_conversation(request: ChatRequest) -> list[dict]:

@@ -15,7 +15,7 @@ import re
 
 import jsonschema
 
-from pipeline.writers import WriterRejected
+from magiclens.pipeline.writers import WriterRejected
 
 RAW_OUTPUT_CHARS = 400
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.writers.chat import ChatRequest, Generation, GenerationTask
-from pipeline.writers.openai import message_payload
+from magiclens.pipeline.writers.chat import ChatRequest, Generation, GenerationTask
+from magiclens.pipeline.writers.openai import message_payload
 
 MISSING_VLLM = (
     "the vllm backend needs the vllm package, which is not installed: run `pip install '.[vllm]'` "
