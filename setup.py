@@ -1,5 +1,8 @@
 """One package for users and for Beam workers (staged to Dataflow with --setup_file)."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 FOLDERS = ("pipeline", "model", "prompts")
@@ -10,10 +13,16 @@ PACKAGE_DIR = {"magiclens": "magiclens"} | {
     package: package.removeprefix("magiclens.").replace(".", "/") for package in PACKAGES[1:]
 }
 
+# The version lives in magiclens/version.py; read, not imported, so that setup.py needs none of the dependencies.
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"$', (Path(__file__).parent / "magiclens" / "version.py").read_text(), re.M
+).group(1)
+
 setup(
     name="magiclens",
-    version="0.1.0",
+    version=VERSION,
     description="Open MagicLens data engine: mine image-instruction-image triplets, train and search",
+    license="Apache-2.0",  # LICENSE; bundled third-party files in NOTICE
     python_requires=">=3.11",
     # The folders pipeline/, model/ and prompts/ stay at the top of the repository (its layout shows the
     # architecture) but install under `magiclens.`, so no generic top-level name collides with
@@ -48,11 +57,15 @@ setup(
                   "tqdm>=4.66",  # progress of evaluate and index
                   "tensorboard>=2.15"],
         "gcp": ["apache-beam[gcp]>=2.60", "gcsfs>=2023.1"],  # gcsfs: training data on gs://
+        "s3": ["apache-beam[aws]>=2.60"],  # boto3: WARCs and outputs on s3://
         "vllm": ["vllm>=0.8"],  # the offline batch engine for GPU workers (--writer vllm)
         "faiss": ["faiss-cpu>=1.8"],  # approximate search for large indexes (magiclens search --faiss)
+        "webdataset": ["webdataset>=0.2.86"],  # magiclens export --format webdataset
         # tests: gs:// paths run against a local GCS emulator
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "apache-beam[gcp]>=2.60", "gcp-storage-emulator>=2024.8",
-                "faiss-cpu>=1.8"],  # the --faiss search path is tested too,
+                "faiss-cpu>=1.8",  # the --faiss search path is tested too,
+                "webdataset>=0.2.86",  # and the WebDataset export,
+                "datasets>=2.14"],  # and that Hugging Face `datasets` reads pairs and triplets as images
     },
     entry_points={"console_scripts": ["magiclens=magiclens.cli:main"]},
 )

@@ -3,6 +3,7 @@
 Each module has `run() -> list[dict]`; a row is {name, value, unit, baseline, ratio, goal}, where
 `baseline` is a raw rate measured in the same run on the same data and `ratio = value / baseline`
 (for memory rows, `ratio` may compare two runs of our own code; `goal` says which way is good).
+A row that could not be measured has `error` (why) and no value; the command then exits 1.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def print_table(rows: list[dict]) -> None:
             f"{row['name']:<48}{_number(row.get('value'), '.4g'):>12} {row.get('unit', ''):<16}"
             f"{_number(row.get('baseline'), '.4g'):>12}{_number(row.get('ratio'), '.3f'):>9}  {row.get('goal', '')}"
         )
+        if row.get("error"):
+            print(f"    not measured: {row['error']}")
 
 
 def main(argv: list[str]) -> int:
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> int:
     (HERE / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print_table(rows)
     print(f"\nwritten: {HERE / 'results.json'}")
-    return 0
+    return 1 if any(row.get("error") for row in rows) else 0
 
 
 if __name__ == "__main__":

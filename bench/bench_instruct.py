@@ -1,6 +1,6 @@
 """Tokens per triplet for the shipped prompts, on the web text of the 70 real pages in ../shared/data/html.
 
-Pairs are built as mining builds them, from the text side: the mining extractor (pipeline/extract.py)
+Pairs are built as mining builds them, from the text side: the mining extractor (pipeline/extract/)
 pulls each page's image references (alt text, figcaption or nearby text, capped as `mine` caps
 them) and consecutive references of a page make pairs, at most PAIRS_PER_PAGE per page. The
 default prompts are rendered for each pair exactly as the pipeline renders them, and tokens are

@@ -1,7 +1,12 @@
-"""WARC reading: records/s of `pipeline.warc.read_warc` against raw FastWARC iteration of the same files.
+"""WARC reading: records/s of `pipeline.warc.read_warc` against raw FastWARC iteration doing the same work.
 
-The raw baseline iterates every record with FastWARC and reads its payload; ours classifies the
-content records and reads the payloads it keeps. Both count all records in the files.
+Both sides iterate every record of the shared WARC files with their HTTP headers parsed (as
+`read_warc` does, to find revisits' originals and WAT/WET files) and read the same payloads:
+warcinfo, and the records that ours keeps as a page or an image (found once, before timing).
+What ours adds is its own work: classifying each record (HTTP status, content type, size caps),
+undoing HTTP transfer and content encodings, building the page and image objects, resolving
+revisits (reading their originals again) and checking each file's end. records/s counts the
+records both sides iterate.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-from fastwarc.warc import ArchiveIterator
+from fastwarc.warc import ArchiveIterator, WarcRecordType
 
+from magiclens.pipeline.records import ImageRecord, Page
 from magiclens.pipeline.warc import read_warc
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "warc"
@@ -22,12 +28,23 @@ def _files() -> list[Path]:
     return sorted(SHARED.glob("webarchive/*.warc.gz")) + sorted(SHARED.glob("commoncrawl/*.warc.gz"))
 
 
-def _raw(files: list[Path]) -> int:
+def _kept_records(files: list[Path]) -> set[tuple[str, str]]:
+    """(path, record id) of every record whose payload ours reads and keeps."""
+    return {
+        (str(path), item.record_id)
+        for path in files
+        for item in read_warc(str(path))
+        if isinstance(item, (Page, ImageRecord))
+    }
+
+
+def _raw(files: list[Path], payloads: set[tuple[str, str]]) -> int:
     count = 0
     for path in files:
         with open(path, "rb") as handle:
             for record in ArchiveIterator(handle, parse_http=True, fsspec_args=False):
-                record.reader.read()
+                if record.record_type == WarcRecordType.warcinfo or (str(path), record.record_id) in payloads:
+                    record.reader.read()
                 count += 1
     return count
 
@@ -40,11 +57,12 @@ def _ours(files: list[Path]) -> None:
 
 def run() -> list[dict]:
     files = _files()
-    records = _raw(files)  # warm the page cache, and count every record once
+    payloads = _kept_records(files)
+    records = _raw(files, payloads)  # also warms the page cache
     raw_times, our_times = [], []
     for _ in range(ROUNDS):  # interleaved, so both see the same machine load
         started = time.perf_counter()
-        _raw(files)
+        _raw(files, payloads)
         raw_times.append(time.perf_counter() - started)
         started = time.perf_counter()
         _ours(files)
@@ -58,7 +76,12 @@ def run() -> list[dict]:
             "unit": "records/s",
             "baseline": baseline,
             "ratio": value / baseline,
-            "goal": ">= 0.9 (raw FastWARC iteration)",
-            "detail": f"{records} records in {len(files)} shared WARC files",
+            "goal": ">= 0.9 (raw FastWARC, same records and payload reads)",
+            "detail": f"{records} records, {len(payloads)} payloads kept, in {len(files)} shared WARC files",
         }
     ]
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)

@@ -1,3 +1,5 @@
 """The open MagicLens data engine: mine, instruct, train, evaluate and search."""
 
-__version__ = "0.1.0"
+from magiclens.version import __version__
+
+__all__ = ["__version__"]

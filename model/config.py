@@ -12,9 +12,9 @@ from typing import Any
 
 from transformers import CLIPConfig
 
+from magiclens.model.arguments import MODEL_NAMES
 from magiclens.model.tokenizer import CONTEXT_LENGTH
 
-MODEL_NAMES = ("tiny", "base", "large")
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,9 @@ import msgpack
 import numpy as np
 import torch
 
+from magiclens.model.arguments import add_convert_official_arguments as add_arguments  # noqa: F401 - re-exported
 from magiclens.model.checkpoint import save_checkpoint
-from magiclens.model.config import MODEL_NAMES, ModelConfig, model_config
+from magiclens.model.config import ModelConfig, model_config
 from magiclens.model.magiclens import MagicLens
 from magiclens.model.preprocess import PreprocessConfig
 from magiclens.model.tokenizer import bundled_clip_tokenizer
@@ -321,17 +322,6 @@ def convert(path: str | Path, size: str) -> MagicLens:
     model = MagicLens(config, bundled_clip_tokenizer())
     load_official_params(model, params)
     return model.eval()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="PKL", help="a released MagicLens file: magic_lens_clip_base.pkl or magic_lens_clip_large.pkl")
-    parser.add_argument(
-        "--size",
-        required=True,
-        choices=MODEL_NAMES,
-        help="the model the file holds: base (CLIP ViT-B/16) or large (ViT-L/14); tiny is this project's test size",
-    )
-    parser.add_argument("--output", required=True, help="the checkpoint directory to write (replaced if it exists)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

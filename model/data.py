@@ -2,15 +2,15 @@
 
 A dataset is any set of Parquet files (a glob, local or any fsspec URL such as gs://) with the
 columns `triplet_id`, `query_image`, `instruction` and `target_image` (images as
-struct<bytes, path>); other columns are not read.
+struct<bytes, path>, or as plain binary as img2dataset writes them); other columns are not read.
 
 How the work is split. The unit of reading is the row group. The infinite sequence "epoch 0's row
 groups, then epoch 1's, ..." (each epoch in its own seeded order when shuffling) is dealt round-robin
 to the consumers, one consumer per (DDP rank, DataLoader worker): within every stretch of that
 sequence each row group goes to exactly one consumer, so there is no overlap and no gap, and a small
 dataset simply repeats. Each consumer mixes its rows in a shuffle buffer, decodes the images of the
-rows that leave the buffer and yields whole batches. A row that cannot be used (missing or
-undecodable image, missing instruction) is skipped and counted by reason.
+rows that leave the buffer and yields whole batches. A row that cannot be used (missing,
+over-large or undecodable image, missing instruction) is skipped and counted by reason.
 
 Exact resume. What a consumer yields depends only on the row-group sizes, the seed and how many
 rows it has taken from its buffer, so the position of a consumer is one number. Resuming replays
@@ -21,7 +21,9 @@ groups that still have rows in the buffer.
 from __future__ import annotations
 
 import hashlib
+import io
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
@@ -43,6 +46,11 @@ IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 TRIPLET_SCHEMA = pa.schema(
     [("triplet_id", pa.string()), ("query_image", IMAGE_TYPE), ("instruction", pa.string()), ("target_image", IMAGE_TYPE)]
 )
+# Images over either limit are skipped before decoding (`{side}_image_too_large`): a single
+# 108 MB PNG in a dataset took a training worker to 4 GB. Stored triplet images are 512 px JPEGs
+# of well under 1 MB; 40 M pixels is 120 MB decoded.
+MAX_IMAGE_BYTES = 16_000_000
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class DatasetError(ValueError):
@@ -56,9 +64,28 @@ class RowGroup:
     num_rows: int
 
 
+def _check_committed(fs: fsspec.AbstractFileSystem, path: str, pattern: str) -> None:
+    """Files in a folder of a magiclens run (or in the run's folder) are read only once that run
+    committed: its folder has _SUCCESS. Folders no run wrote are taken as they are."""
+    folder = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] if fsspec.core.has_magic(path) \
+        else path.rsplit("/", 1)[0]
+    for run_dir in (folder, folder.rsplit("/", 1)[0]):
+        run_markers = [f"{run_dir}/_MANIFEST.json", f"{run_dir}/_temporary", *fs.glob(f"{run_dir}/_RUNNING.*")]
+        if fs.exists(f"{run_dir}/_SUCCESS"):
+            return
+        if any(fs.exists(marker) for marker in run_markers):
+            raise DatasetError(f"{pattern}: {run_dir}/_SUCCESS is missing, so the run that writes {run_dir} has not "
+                               "finished (still running, killed, or failed); train on a finished output")
+
+
 def expand_glob(pattern: str) -> list[str]:
-    """The files that a glob matches, as URLs fsspec can open, sorted; an error if there are none."""
-    fs, path = fsspec.core.url_to_fs(pattern)
+    """The files that a glob matches, as URLs fsspec can open, sorted; an error if there are none, or
+    if they are the output of a magiclens run that did not commit (see pipeline/output.py)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(pattern)
+    except ImportError as error:
+        raise DatasetError(f"{pattern}: {error}; for gs:// paths install gcsfs: pip install 'magiclens[gcp]'") from None
+    _check_committed(fs, path, pattern)
     matches = sorted(fs.glob(path)) if fsspec.core.has_magic(path) else [path]
     files = [m for m in matches if fs.isfile(m)]
     if not files:
@@ -89,9 +116,10 @@ def _check_schema(schema: pa.Schema, path: str) -> None:
         )
     for column in IMAGE_COLUMNS:
         kind = schema.field(column).type
-        if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0):
+        is_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        if not (is_bytes or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
             raise DatasetError(
-                f"{path}: column {column} is {kind}, but images must be struct<bytes: binary, path: string>"
+                f"{path}: column {column} is {kind}, but images must be struct<bytes: binary, path: string> or binary"
             )
 
 
@@ -232,7 +260,31 @@ class Triplet:
     target_hash: int
 
 
-def decode_row(row: dict[str, Any], image_size: int, fast_jpeg: bool = False) -> Triplet | str:
+def _over_large(data: bytes, max_bytes: int, max_pixels: int) -> bool:
+    """More encoded bytes than max_bytes, or more pixels than max_pixels in the header (read
+    without decoding a pixel); a header Pillow cannot read is left to decode_image to reject."""
+    if len(data) > max_bytes:
+        return True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        return True
+    except Exception:  # noqa: BLE001 -- untrusted bytes; decode_image reports them as undecodable
+        return False
+    return width * height > max_pixels
+
+
+def decode_row(
+    row: dict[str, Any],
+    image_size: int,
+    fast_jpeg: bool = False,
+    *,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+) -> Triplet | str:
     """A decoded triplet, or the reason the row cannot be used."""
     instruction = row.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
@@ -240,9 +292,11 @@ def decode_row(row: dict[str, Any], image_size: int, fast_jpeg: bool = False) ->
     decoded = {}
     for side in ("query", "target"):
         image = row.get(f"{side}_image") or {}
-        data = image.get("bytes")
+        data = image.get("bytes") if isinstance(image, dict) else image  # struct<bytes, path>, or plain binary
         if not data:
             return f"{side}_image_missing"
+        if _over_large(data, max_image_bytes, max_image_pixels):
+            return f"{side}_image_too_large"
         try:
             pixels, max_value = decode_image(data, image_size, fast_jpeg)
         except ImageDecodeError:

@@ -5,9 +5,9 @@ are the targets of every triplet with that pair. The gallery is the set of disti
 (by content hash), embedded with the empty instruction. As in CIRR, a query's own image is left out
 of its ranking unless it is one of its targets.
 
-recall@k: the fraction of queries with a relevant image among the first k.
-mAP@k: the mean over queries of average precision at k, normalised by min(k, number relevant)
-(as in CIRCO).
+recall@k and mAP@k as model/metrics.py defines them (mAP@k as CIRCO does); exact ties rank by
+gallery position (the order in which target images first appear in the data). Embeddings are
+float32 unless --precision bf16.
 """
 
 from __future__ import annotations
@@ -15,31 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
+from magiclens.model.arguments import add_evaluate_arguments as add_arguments  # noqa: F401 - re-exported
 from magiclens.model import benchmarks
 from magiclens.model.checkpoint import CheckpointError, load_checkpoint
-from magiclens.model.data import DatasetError, DataPosition, RowGroup, TripletBatches, plan_row_groups
+from magiclens.model.data import DatasetError, DataPosition, RowGroup, TripletBatches, consumer_rows, decode_row, plan_row_groups
+from magiclens.model.embed import embed_decoded
 from magiclens.model.magiclens import MagicLens
-from magiclens.model.preprocess import PreprocessConfig, to_model_input
+from magiclens.model.metrics import mean_average_precision, rank_gallery, recall_at
+from magiclens.model.preprocess import PreprocessConfig
+from magiclens.model.progress import counted
 
 RECALL_AT = (1, 5, 10, 50)
 MAP_AT = (5, 10, 25, 50)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a `magiclens train --output` directory")
-    parser.add_argument("--data", help="Parquet triplet shards: a file or a glob, local or gs:// (or use --benchmark)")
-    parser.add_argument("--batch-size", type=int, default=64, help="triplets embedded per batch")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes that decode images")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--json", action="store_true", help="print exactly one JSON object (metrics as fractions in [0, 1]) on stdout"
-    )
-    benchmarks.add_benchmark_arguments(parser.add_argument_group("standard benchmarks (instead of --data)"))
 
 
 @dataclass
@@ -55,6 +48,16 @@ class EmbeddedSet:
     rejected: dict[str, int]
 
 
+def count_rejects(plan: list[RowGroup], image_size: int) -> dict[str, int]:
+    """Every row's reason for being unusable, by reason (a second pass, for data with no usable row)."""
+    reasons: Counter[str] = Counter()
+    for row in consumer_rows(plan, 0, 1, shuffle=False, seed=0, repeat=False, buffer_size=0):
+        decoded = decode_row(row, image_size)
+        if isinstance(decoded, str):
+            reasons[decoded] += 1
+    return dict(reasons)
+
+
 @torch.inference_mode()
 def embed_dataset(
     model: MagicLens,
@@ -63,19 +66,21 @@ def embed_dataset(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> EmbeddedSet:
     """One pass over the data: each distinct query and each distinct target image embedded once."""
     dataset = TripletBatches(
         plan, model.tokenizer, preprocess.image_size, batch_size, num_workers=num_workers, shuffle=False, repeat=False
     )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     position = DataPosition()
     query_index: dict[tuple[int, str], int] = {}  # (query image hash, instruction) -> query number
     relevant: list[set[int]] = []
     gallery_index: dict[int, int] = {}  # target image hash -> gallery number
     query_parts, gallery_parts = [], []
     triplets = 0
-    for batch in DataLoader(dataset, batch_size=None, num_workers=num_workers):
+    batches = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    total = sum(group.num_rows for group in plan)
+    for batch in counted(batches, total, "evaluating", "triplets", lambda batch: len(batch["triplet_id"])):
         position.advance(batch)
         triplets += len(batch["triplet_id"])
         new_queries, new_targets = [], []
@@ -90,20 +95,18 @@ def embed_dataset(
             if target_hash not in gallery_index:
                 gallery_index[target_hash] = len(gallery_index)
                 new_targets.append(row)
-        with autocast:
-            if new_queries:
-                pixels = to_model_input(
-                    batch["query_pixels"][new_queries].to(device), batch["query_max"][new_queries].to(device), preprocess
-                )
-                query_parts.append(model(pixels, batch["input_ids"][new_queries].to(device)).cpu())
-            if new_targets:
-                pixels = to_model_input(
-                    batch["target_pixels"][new_targets].to(device), batch["target_max"][new_targets].to(device), preprocess
-                )
-                empty = model.empty_instruction_ids.expand(len(new_targets), -1)
-                gallery_parts.append(model(pixels, empty).cpu())
+        texts = [batch["instruction"][row] for row in new_queries]
+        query_parts.append(
+            embed_decoded(model, preprocess, batch["query_pixels"][new_queries], batch["query_max"][new_queries], texts, device, precision)
+        )
+        empty = [""] * len(new_targets)
+        gallery_parts.append(
+            embed_decoded(model, preprocess, batch["target_pixels"][new_targets], batch["target_max"][new_targets], empty, device, precision)
+        )
     if not query_index:
-        raise DatasetError(f"no usable triplet in the data (rejected rows: {position.rejects()})")
+        rejects = count_rejects(plan, preprocess.image_size)
+        counts = ", ".join(f"{reason}: {count}" for reason, count in sorted(rejects.items())) or "the data has no rows"
+        raise DatasetError(f"no usable triplet in the data (rejected rows by reason: {counts})")
     return EmbeddedSet(
         query_vectors=torch.cat(query_parts),
         query_image_hashes=torch.tensor([key[0] for key in query_index]),
@@ -116,32 +119,18 @@ def embed_dataset(
 
 
 def retrieval_metrics(embedded: EmbeddedSet, chunk: int = 1024) -> dict[str, float]:
-    """recall@k and mAP@k over all queries."""
-    gallery_size = embedded.gallery_hashes.shape[0]
-    depth = min(max(RECALL_AT + MAP_AT), gallery_size)
+    """recall@k and mAP@k over all queries; a query's own image is left out of its ranking unless
+    it is one of its targets."""
     position_of = {h: i for i, h in enumerate(embedded.gallery_hashes.tolist())}
-    recall = {k: 0.0 for k in RECALL_AT}
-    average_precision = {k: 0.0 for k in MAP_AT}
-    ranks = torch.arange(1, depth + 1, dtype=torch.float32)
-    for start in range(0, embedded.query_vectors.shape[0], chunk):
-        vectors = embedded.query_vectors[start : start + chunk]
-        is_relevant = torch.zeros(vectors.shape[0], gallery_size, dtype=torch.bool)
-        for row, targets in enumerate(embedded.relevant[start : start + chunk]):
-            is_relevant[row, [position_of[h] for h in targets]] = True
-        scores = vectors.float() @ embedded.gallery_vectors.float().T
-        own_image = embedded.query_image_hashes[start : start + chunk, None] == embedded.gallery_hashes[None, :]
-        scores = scores.masked_fill(own_image & ~is_relevant, float("-inf"))
-        hits = is_relevant.gather(1, scores.topk(depth, dim=1).indices).float()  # (chunk, depth)
-        for k in RECALL_AT:
-            recall[k] += hits[:, :k].amax(dim=1).sum().item()
-        precision_at_rank = hits.cumsum(dim=1) / ranks
-        relevant_count = is_relevant.sum(dim=1).float()
-        for k in MAP_AT:
-            top = (precision_at_rank[:, :k] * hits[:, :k]).sum(dim=1)
-            average_precision[k] += (top / relevant_count.clamp(max=k)).sum().item()
-    queries = embedded.query_vectors.shape[0]
-    metrics = {f"recall@{k}": v / queries for k, v in recall.items()}
-    metrics.update({f"mAP@{k}": v / queries for k, v in average_precision.items()})
+    relevant = [{position_of[h] for h in targets} for targets in embedded.relevant]
+    excluded = []
+    for query_hash, targets in zip(embedded.query_image_hashes.tolist(), relevant):
+        own = position_of.get(query_hash)
+        excluded.append((own,) if own is not None and own not in targets else ())
+    depth = max(RECALL_AT + MAP_AT)
+    rankings = rank_gallery(embedded.query_vectors, embedded.gallery_vectors, depth, excluded, chunk)
+    metrics = recall_at(rankings, relevant, RECALL_AT)
+    metrics.update(mean_average_precision(rankings, relevant, MAP_AT))
     return metrics
 
 
@@ -156,12 +145,20 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, _, preprocess = load_checkpoint(args.checkpoint, device)
-        embedded = embed_dataset(model, preprocess, plan_row_groups(args.data), args.batch_size, args.num_workers, device)
+        plan = plan_row_groups(args.data)
+        embedded = embed_dataset(model, preprocess, plan, args.batch_size, args.num_workers, device, args.precision)
     except (DatasetError, CheckpointError) as error:
         print(f"magiclens evaluate: {error}", file=sys.stderr)
         return 2
     report: dict[str, object] = dict(retrieval_metrics(embedded))
+    gallery = embedded.gallery_hashes.shape[0]
+    trivial = sorted(k for k in set(RECALL_AT + MAP_AT) if k >= gallery)
+    if trivial:
+        print(f"magiclens evaluate: warning: the gallery holds only {gallery} images, so the metrics at k = "
+              f"{', '.join(map(str, trivial))} rank the whole gallery (recall@k is 1 by construction); "
+              "evaluate on more triplets for them to mean anything", file=sys.stderr)
     report.update(
+        precision=args.precision,
         queries=embedded.query_vectors.shape[0],
         gallery=embedded.gallery_hashes.shape[0],
         triplets=embedded.triplets,

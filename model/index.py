@@ -27,7 +27,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,12 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from magiclens.model.arguments import add_index_arguments as add_arguments  # noqa: F401 - re-exported
 from magiclens.model.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, resolve_checkpoint
+from magiclens.model.embed import ImageLocation, decoded_batches, embed_decoded
 from magiclens.model.magiclens import MagicLens
-from magiclens.model.preprocess import ImageDecodeError, PreprocessConfig, decode_image, to_model_input
+from magiclens.model.preprocess import PreprocessConfig
+from magiclens.model.progress import progress
 
 INDEX_FILE = "index.json"
 SHARDS_DIR = "shards"
@@ -56,30 +57,6 @@ class SearchIndexError(ValueError):
     """Bad input to `index` or `search`: a source that does not exist, an index that does not fit."""
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    """Where one image is: a file, or a cell (row, column) of a Parquet file."""
-
-    source: str  # absolute path
-    row: int | None = None
-    column: str | None = None
-
-    @property
-    def id(self) -> str:
-        return self.source if self.row is None else f"{self.source}#{self.column}:{self.row}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "source": self.source, "row": self.row, "column": self.column}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ImageRef:
-        return cls(data["source"], data["row"], data["column"])
-
-
-class ImageReadError(ValueError):
-    """The bytes of an image could not be read."""
-
-
 # --- finding the images -------------------------------------------------------------------------
 
 
@@ -87,7 +64,7 @@ def _images_in_folder(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _parquet_rows(path: Path, image_column: str) -> list[ImageRef]:
+def _parquet_rows(path: Path, image_column: str) -> list[ImageLocation]:
     try:
         metadata = pq.ParquetFile(path).metadata
     except (pa.ArrowInvalid, OSError) as error:
@@ -99,12 +76,12 @@ def _parquet_rows(path: Path, image_column: str) -> list[ImageRef]:
             "name the image column with --image-column"
         )
     source = str(path.resolve())
-    return [ImageRef(source, row, image_column) for row in range(metadata.num_rows)]
+    return [ImageLocation(source, row, image_column) for row in range(metadata.num_rows)]
 
 
-def expand_sources(patterns: list[str], image_column: str = "image") -> list[ImageRef]:
+def expand_sources(patterns: list[str], image_column: str = "image") -> list[ImageLocation]:
     """Every image that the patterns name, in order, each once."""
-    refs: dict[str, ImageRef] = {}
+    found_so_far: dict[str, ImageLocation] = {}
     for pattern in patterns:
         if glob.has_magic(pattern):
             paths = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
@@ -116,131 +93,17 @@ def expand_sources(patterns: list[str], image_column: str = "image") -> list[Ima
                 raise SearchIndexError(f"{pattern} does not exist")
         for path in paths:
             if path.is_dir():
-                found = [ImageRef(str(p.resolve())) for p in _images_in_folder(path)]
+                found = [ImageLocation(str(p.resolve())) for p in _images_in_folder(path)]
                 if not found and not glob.has_magic(pattern):
                     raise SearchIndexError(f"the folder {path} holds no image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             elif path.suffix.lower() == ".parquet":
                 found = _parquet_rows(path, image_column)
             else:
-                found = [ImageRef(str(path.resolve()))]
-            refs.update((ref.id, ref) for ref in found)
-    return list(refs.values())
+                found = [ImageLocation(str(path.resolve()))]
+            found_so_far.update((location.id, location) for location in found)
+    return list(found_so_far.values())
 
 
-# --- reading and decoding -----------------------------------------------------------------------
-
-
-class ImageReader:
-    """Reads the encoded bytes of images; keeps the last Parquet row group it read."""
-
-    def __init__(self) -> None:
-        self._row_starts: dict[str, list[int]] = {}
-        self._cached: tuple[str, str, int, pa.ChunkedArray] | None = None
-
-    def read(self, ref: ImageRef) -> bytes:
-        if ref.row is None:
-            try:
-                return Path(ref.source).read_bytes()
-            except OSError as error:
-                raise ImageReadError(f"cannot read the file: {error.strerror or error}") from error
-        return self._read_cell(ref.source, ref.row, ref.column or "")
-
-    def _read_cell(self, source: str, row: int, column: str) -> bytes:
-        try:
-            parquet = pq.ParquetFile(source)
-            if source not in self._row_starts:
-                sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
-                self._row_starts[source] = [int(n) for n in np.cumsum([0] + sizes)]
-            starts = self._row_starts[source]
-            group = int(np.searchsorted(starts, row, side="right")) - 1
-            if self._cached is None or self._cached[:3] != (source, column, group):
-                values = parquet.read_row_group(group, columns=[column]).column(0)
-                self._cached = (source, column, group, values)
-            value = self._cached[3][row - starts[group]].as_py()
-        except (pa.ArrowException, OSError, KeyError, IndexError) as error:
-            raise ImageReadError(f"cannot read row {row}, column {column!r} of {source}: {error}") from error
-        if isinstance(value, dict):
-            value = value.get("bytes")
-        if not isinstance(value, bytes) or not value:
-            raise ImageReadError(f"row {row} of {source} holds no image bytes in column {column!r}")
-        return value
-
-
-@dataclass
-class DecodedBatch:
-    """The images of one batch that decoded, and those that did not."""
-
-    indices: list[int]  # positions in the list of refs given to `decoded_batches`
-    pixels: torch.Tensor  # (n, 3, S, S) uint8
-    max_values: torch.Tensor  # (n,)
-    sha256: list[str]
-    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (position, reason, detail)
-
-
-class _DecodingDataset(Dataset):
-    """Batch i = refs[i*B : (i+1)*B], read and decoded (in a DataLoader worker)."""
-
-    def __init__(self, refs: list[ImageRef], batch_size: int, image_size: int) -> None:
-        self.refs = refs
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self._reader: ImageReader | None = None
-
-    def __len__(self) -> int:
-        return (len(self.refs) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, batch: int) -> DecodedBatch:
-        if self._reader is None:
-            self._reader = ImageReader()
-        indices, pixels, max_values, hashes, rejected = [], [], [], [], []
-        start = batch * self.batch_size
-        for index in range(start, min(start + self.batch_size, len(self.refs))):
-            try:
-                data = self._reader.read(self.refs[index])
-                image, max_value = decode_image(data, self.image_size)
-            except ImageReadError as error:
-                rejected.append((index, "unreadable", str(error)))
-                continue
-            except ImageDecodeError as error:
-                rejected.append((index, "undecodable", str(error)))
-                continue
-            indices.append(index)
-            pixels.append(image)
-            max_values.append(max_value)
-            hashes.append(hashlib.sha256(data).hexdigest())
-        size = self.image_size
-        return DecodedBatch(
-            indices=indices,
-            pixels=torch.stack(pixels) if pixels else torch.empty(0, 3, size, size, dtype=torch.uint8),
-            max_values=torch.tensor(max_values, dtype=torch.float32),
-            sha256=hashes,
-            rejected=rejected,
-        )
-
-
-def decoded_batches(refs: list[ImageRef], image_size: int, batch_size: int, num_workers: int) -> Iterator[DecodedBatch]:
-    """The refs read and decoded in batches, in order, by `num_workers` DataLoader workers."""
-    dataset = _DecodingDataset(refs, batch_size, image_size)
-    yield from DataLoader(dataset, batch_size=None, num_workers=num_workers)
-
-
-@torch.inference_mode()
-def embed_decoded(
-    model: MagicLens,
-    preprocess: PreprocessConfig,
-    pixels: torch.Tensor,
-    max_values: torch.Tensor,
-    instructions: list[str],
-    device: torch.device,
-) -> torch.Tensor:
-    """Embeddings (n, D) float32 on the CPU of decoded images, each with its instruction."""
-    if pixels.shape[0] == 0:
-        return torch.empty(0, model.config.head.embed_dim)
-    inputs = to_model_input(pixels.to(device), max_values.to(device), preprocess)
-    return model.embed(inputs, instructions).float().cpu()
-
-
-# --- the index on disk --------------------------------------------------------------------------
 
 
 def checkpoint_fingerprint(checkpoint: str | Path) -> str:
@@ -319,7 +182,7 @@ class _ShardWriter:
 def build_index(
     model: MagicLens,
     preprocess: PreprocessConfig,
-    refs: list[ImageRef],
+    images: list[ImageLocation],
     output: Path,
     description: dict[str, Any],
     *,
@@ -328,7 +191,7 @@ def build_index(
     shard_size: int = 4096,
     device: torch.device = torch.device("cpu"),
 ) -> IndexSummary:
-    """Embed every ref that the index at `output` does not hold yet (see the module docstring).
+    """Embed every image that the index at `output` does not hold yet (see the module docstring).
 
     `description` identifies the model (checkpoint, fingerprint, embed_dim); an existing index made
     with another fingerprint is an error, never silently mixed.
@@ -357,13 +220,13 @@ def build_index(
             hashes[item["sha256"]] = item["id"]
             summary.total += 1
         done.update(r["id"] for r in record["rejected"] + record["duplicates"])
-    pending = [ref for ref in refs if ref.id not in done]
-    summary.already_indexed = len(refs) - len(pending)
+    pending = [image for image in images if image.id not in done]
+    summary.already_indexed = len(images) - len(pending)
 
     last = int(shards[-1][1].stem) if shards else -1
     writer = _ShardWriter(output, last + 1, description["embed_dim"])
-    with tqdm(total=len(pending), desc="indexing", unit="img", disable=None, file=sys.stderr) as progress:
-        for batch in decoded_batches(pending, preprocess.image_size, batch_size, num_workers):
+    with progress(len(pending), "indexing") as shown:
+        for batch in decoded_batches(pending, preprocess.image_size, batch_size, num_workers, exif_transpose=True):
             for position, reason, detail in batch.rejected:
                 writer.rejected.append({**pending[position].to_dict(), "reason": reason, "detail": detail})
                 summary.rejected[reason] += 1
@@ -383,7 +246,7 @@ def build_index(
                 position = batch.indices[slot]
                 writer.items.append({**pending[position].to_dict(), "sha256": batch.sha256[slot]})
             summary.embedded += len(keep)
-            progress.update(len(batch.indices) + len(batch.rejected))
+            shown.update(len(batch.indices) + len(batch.rejected))
             if writer.pending >= shard_size:
                 writer.flush()
         writer.flush()
@@ -464,37 +327,6 @@ def build_faiss_index(index_dir: Path, factory: str, chunk_rows: int = 65536) ->
 # --- the command --------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a `magiclens train --output` directory")
-    parser.add_argument(
-        "--images",
-        required=True,
-        action="append",
-        help="what to index: an image file, a folder (every image file under it), a glob (quote it), "
-        "or a Parquet file with an image column; repeat the option for several",
-    )
-    parser.add_argument("--output", required=True, help="the index folder; if it exists, images it already holds are skipped")
-    parser.add_argument(
-        "--image-column",
-        default="image",
-        help="the column of Parquet inputs that holds the images (struct<bytes, path> or binary; default: image)",
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help="images embedded per batch (default: 64)")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes that read and decode images (default: 2)")
-    parser.add_argument(
-        "--shard-size", type=int, default=4096, help="images per shard file; an interrupted run loses at most one shard of work (default: 4096)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing index at --output and build it again")
-    parser.add_argument(
-        "--faiss",
-        metavar="FACTORY",
-        help='also (re)build a faiss index of all the embeddings for `search --faiss`: a faiss index_factory string, '
-        'e.g. "Flat" (exact) or "HNSW32" (approximate, for large corpora); needs faiss installed',
-    )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
-
-
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output = Path(args.output)
@@ -503,7 +335,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             raise SearchIndexError("--batch-size and --shard-size must be at least 1, --num-workers at least 0")
         if args.faiss:
             import_faiss()  # fail before the long part
-        refs = expand_sources(args.images, args.image_column)
+        images = expand_sources(args.images, args.image_column)
         if args.overwrite and output.exists():
             if not (output / INDEX_FILE).is_file():
                 raise SearchIndexError(f"{output} exists but is not an index; --overwrite only replaces an index")
@@ -522,7 +354,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         summary = build_index(
             model,
             preprocess,
-            refs,
+            images,
             output,
             description,
             batch_size=args.batch_size,

@@ -35,13 +35,26 @@ from magiclens.model.config import HeadConfig, ModelConfig
 from magiclens.model.tokenizer import tokenize
 
 LOGIT_CAP = 50.0
-# 1 / softplus(0): with per_dim_scale at 0 the query scale is exactly 1 / sqrt(head_dim)
+# 1 / softplus(0): with per_dim_scale at 0 the query scale would be exactly 1 / sqrt(head_dim)
 R_SOFTPLUS_0 = 1.442695041
+# The standard deviation of a unit normal truncated to [-2, 2]: Flax's lecun_normal widens its
+# normal by 1 / this, so that after truncation at two deviations the variance is 1 / fan_in.
+_TRUNCATED_UNIT_STD = 0.87962566103423978
+
+# Initial values below follow google-deepmind/magiclens layers.py at commit 5135f58be020: they
+# matter only when training from scratch, since released or trained weights replace them.
 
 
-def _lecun_normal_(linear: nn.Linear) -> nn.Linear:
-    """Flax's default initialisation: truncated normal with std 1/sqrt(fan_in), zero bias."""
-    nn.init.trunc_normal_(linear.weight, std=linear.in_features**-0.5)
+def _lecun_normal_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """Flax's lecun_normal: variance 1 / fan_in, truncated at two standard deviations."""
+    std = fan_in**-0.5 / _TRUNCATED_UNIT_STD
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def _linear(in_features: int, out_features: int, fan_in: int | None = None) -> nn.Linear:
+    """A Linear initialised as the released layers are: lecun_normal weight, zero bias."""
+    linear = nn.Linear(in_features, out_features)
+    _lecun_normal_(linear.weight, fan_in or in_features)
     nn.init.zeros_(linear.bias)
     return linear
 
@@ -49,14 +62,14 @@ def _lecun_normal_(linear: nn.Linear) -> nn.Linear:
 class LayerNorm(nn.Module):
     """y = normalize(x) * (1 + scale) + bias, eps 1e-6: the weight is stored as an offset from 1.
 
-    `scale` starts at 0 (a weight of 1); the released code starts it at 1, which only matters before
-    its trained weights are loaded.
+    `scale` starts at 1, so the initial weight is 2, as in the released code (layers.py line 41:
+    the scale's initializer is `ones` while the forward multiplies by 1 + scale).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
-        self.scale = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,12 +79,13 @@ class LayerNorm(nn.Module):
 class PerDimScale(nn.Module):
     """Scales queries by 1.442695041 / sqrt(head_dim) * softplus(per_dim_scale), per dimension.
 
-    `per_dim_scale` starts at 0 (a plain 1/sqrt(head_dim)); the released code starts it at 1.
+    `per_dim_scale` starts at 1, as in the released code (layers.py line 218: initializer `ones`),
+    so the initial scale is softplus(1) / softplus(0) = 1.899 times 1 / sqrt(head_dim).
     """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.per_dim_scale = nn.Parameter(torch.zeros(dim))
+        self.per_dim_scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = R_SOFTPLUS_0 / math.sqrt(x.shape[-1]) * F.softplus(self.per_dim_scale)
@@ -87,10 +101,12 @@ class DotProductAttention(nn.Module):
             raise ValueError(f"attention width {hidden_dim} is not a multiple of {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = hidden_dim // num_heads
-        self.query = _lecun_normal_(nn.Linear(input_dim, hidden_dim))
-        self.key = _lecun_normal_(nn.Linear(input_dim, hidden_dim))
-        self.value = _lecun_normal_(nn.Linear(input_dim, hidden_dim))
-        self.post = _lecun_normal_(nn.Linear(hidden_dim, input_dim))
+        self.query = _linear(input_dim, hidden_dim)
+        self.key = _linear(input_dim, hidden_dim)
+        self.value = _linear(input_dim, hidden_dim)
+        # the released output projection w[D, heads, head_dim] takes its fan-in from head_dim
+        # alone (layers.py line 169), not from heads * head_dim
+        self.post = _linear(hidden_dim, input_dim, fan_in=self.head_dim)
         self.per_dim_scale = PerDimScale(self.head_dim) if use_per_dim_scale else None
 
     def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
@@ -113,8 +129,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.layer_norm = LayerNorm(dim)
-        self.ffn_layer1 = _lecun_normal_(nn.Linear(dim, hidden_dim))
-        self.ffn_layer2 = _lecun_normal_(nn.Linear(hidden_dim, dim))
+        self.ffn_layer1 = _linear(dim, hidden_dim)
+        self.ffn_layer2 = _linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn_layer2(F.relu(self.ffn_layer1(self.layer_norm(x))))
@@ -155,8 +171,10 @@ class AttentionPooler(nn.Module):
 
     def __init__(self, head: HeadConfig) -> None:
         super().__init__()
+        # lecun_normal over (num_query_tokens, D) takes its fan-in from num_query_tokens (layers.py
+        # line 421): a standard deviation of 1 for the released single query token
         self.pooling_attn_query = nn.Parameter(
-            nn.init.trunc_normal_(torch.empty(head.num_query_tokens, head.embed_dim), std=head.embed_dim**-0.5)
+            _lecun_normal_(torch.empty(head.num_query_tokens, head.embed_dim), fan_in=head.num_query_tokens)
         )
         self.pool_attn = DotProductAttention(
             head.embed_dim, head.pooler_hidden_dim, head.num_heads, use_per_dim_scale=True
@@ -195,8 +213,14 @@ class MagicLens(nn.Module):
         return self.clip.get_image_features(pixel_values=pixel_values).pooler_output
 
     def encode_texts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, 77) token ids -> (B, D) projected CLIP text embeddings."""
-        return self.clip.get_text_features(input_ids=input_ids).pooler_output
+        """(B, T) token ids -> (B, D) projected CLIP text embeddings.
+
+        Every position whose id is 0 is masked out of the attention, as the released text encoder
+        masks it (Scenic CLIP TextEncoder: attention mask `text > 0` combined with the causal
+        mask): that is the padding, but also the BPE symbol "!" where it does not merge with
+        the symbol after it ("a dog!;").
+        """
+        return self.clip.get_text_features(input_ids=input_ids, attention_mask=input_ids > 0).pooler_output
 
     def fuse(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         sequence = torch.stack([image_embeds, text_embeds], dim=1)  # (B, 2, D)

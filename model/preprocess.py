@@ -1,12 +1,22 @@
 """Image preprocessing: the released MagicLens evaluation path.
 
-The official code divides an image's pixels by that image's own maximum, resizes it straight to
-224x224 (bilinear with antialiasing, no cropping, so the aspect ratio is not kept) and applies
-CLIP's mean and standard deviation. The released weights expect exactly that, so it is the default.
+The official code (magiclens data_utils.py `process_img`) opens the image without applying its
+EXIF orientation, converts it to RGB, divides its pixels by the image's own maximum, resizes the
+float image straight to 224x224 (jax.image.resize, bilinear with antialiasing, no cropping, so the
+aspect ratio is not kept) and applies CLIP's mean and standard deviation.
 
 The work is split in two so that the data-loader workers do the expensive part and ship small
-tensors: `decode_image` (CPU, in a worker) gives the resized image as uint8 plus its maximum;
-`to_model_input` (on the training device) turns a batch of those into normalised float pixels.
+tensors: `decode_image` (CPU, in a worker) gives the resized image plus its maximum;
+`to_model_input` (on the device) turns a batch of those into normalised float pixels.
+
+`decode_image` has two choices, made per use (docs/fidelity.md says which use takes which):
+- float_resize=True is the official order: divide by the maximum, then resize in float32; the
+  pixels come back already divided, with a maximum of 1.0. float_resize=False resizes in uint8
+  (4 times smaller tensors, faster) and divides afterwards in `to_model_input`: within one level
+  of 255 of the official pixels, fine for training.
+- exif_transpose=False decodes the image as stored, as the official path does (benchmarks and
+  converter parity need that); exif_transpose=True turns it upright first, which a phone photo
+  (stored sideways with an orientation tag) needs.
 """
 
 from __future__ import annotations
@@ -47,10 +57,15 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image that Pillow can decode safely."""
 
 
-def decode_image(data: bytes, size: int, fast_jpeg: bool = False) -> tuple[torch.Tensor, float]:
-    """Decode, orient upright, convert to RGB and resize to (3, size, size) uint8; also the maximum.
+def decode_image(
+    data: bytes, size: int, fast_jpeg: bool = False, *, exif_transpose: bool = True, float_resize: bool = False
+) -> tuple[torch.Tensor, float]:
+    """Decode, optionally orient upright (exif_transpose), convert to RGB and resize to
+    (3, size, size); also the maximum that `to_model_input` divides by.
 
-    The maximum is that of the full decoded image (the official path divides by it before resizing).
+    float_resize=False: uint8 pixels resized, and the maximum of the full decoded image.
+    float_resize=True (the released order): float32 pixels divided by the maximum of the full
+    decoded image, then resized; the maximum returned is 1.0.
     With fast_jpeg, a large JPEG is decoded at a reduced DCT scale (1/2, 1/4 or 1/8, keeping both
     sides at least `size`), several times cheaper than a full decode, then resized the same way;
     the pixels then differ slightly from the released path (a mean of about 0.5% of the range on
@@ -64,7 +79,8 @@ def decode_image(data: bytes, size: int, fast_jpeg: bool = False) -> tuple[torch
             image = Image.open(io.BytesIO(data))
             if fast_jpeg and image.format == "JPEG":
                 image.draft("RGB", (size, size))
-            ImageOps.exif_transpose(image, in_place=True)
+            if exif_transpose:
+                ImageOps.exif_transpose(image, in_place=True)
             if image.mode != "RGB":
                 image = image.convert("RGB")
             pixels = np.array(image)  # (H, W, 3)
@@ -75,6 +91,12 @@ def decode_image(data: bytes, size: int, fast_jpeg: bool = False) -> tuple[torch
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ImageDecodeError("image has no pixels")
     max_value = float(pixels.max())  # numpy's: a torch reduction may spin up threads for this
+    if float_resize:
+        # the released code: x / (max + 1e-12) in float32, then resize; torch's antialiased bilinear
+        # uses the same triangle kernel, widened by the downscale factor, as jax.image.resize
+        scaled = pixels.astype(np.float32) / np.float32(max_value + 1e-12)
+        chw = torch.from_numpy(scaled).permute(2, 0, 1).unsqueeze(0)
+        return F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True)[0], 1.0
     chw = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     # torch's uint8 antialiased bilinear resize gives the same pixels as Pillow's BILINEAR, faster
     resized = F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True)
@@ -84,8 +106,9 @@ def decode_image(data: bytes, size: int, fast_jpeg: bool = False) -> tuple[torch
 def to_model_input(
     pixels: torch.Tensor, max_values: torch.Tensor, config: PreprocessConfig
 ) -> torch.Tensor:
-    """(B, 3, S, S) uint8 and (B,) maxima -> float32 pixels scaled to [0, 1] by each image's maximum,
-    then normalised with CLIP's mean and std."""
+    """(B, 3, S, S) pixels and (B,) maxima from `decode_image` -> float32 pixels scaled to [0, 1] by
+    each image's maximum (1.0 for float_resize pixels, already scaled), then normalised with CLIP's
+    mean and std."""
     scale = 1.0 / max_values.to(torch.float32).clamp_min(1e-12)
     images = pixels.to(torch.float32) * scale.view(-1, 1, 1, 1)
     mean = torch.tensor(config.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
@@ -93,9 +116,12 @@ def to_model_input(
     return (images - mean) / std
 
 
-def images_to_model_input(images: list[bytes], config: PreprocessConfig) -> torch.Tensor:
-    """Encoded images -> model input (B, 3, S, S) float32; raises ImageDecodeError on a bad one."""
-    decoded = [decode_image(data, config.image_size) for data in images]
+def images_to_model_input(
+    images: list[bytes], config: PreprocessConfig, *, exif_transpose: bool = True, float_resize: bool = False
+) -> torch.Tensor:
+    """Encoded images -> model input (B, 3, S, S) float32; raises ImageDecodeError on a bad one.
+    exif_transpose, float_resize: see decode_image (False and True: the released path)."""
+    decoded = [decode_image(data, config.image_size, exif_transpose=exif_transpose, float_resize=float_resize) for data in images]
     pixels = torch.stack([p for p, _ in decoded])
     max_values = torch.tensor([m for _, m in decoded])
     return to_model_input(pixels, max_values, config)

@@ -2,7 +2,8 @@
 
 The query (image + instruction) is embedded with the checkpoint that built the index, then scored
 against every indexed embedding: an exact search by chunked matrix products (float16 shards read
-chunk by chunk, scored in float32, a running top k kept), so memory stays bounded for any corpus.
+chunk by chunk, scored in float32, a running top k kept), so memory stays bounded for any corpus; exact ties
+in the order the index holds the images.
 With --faiss the search runs in the faiss index that `magiclens index --faiss FACTORY` built
 (exact with "Flat", approximate and much faster on large corpora with "HNSW32" or IVF indexes). Results go to the terminal, to stdout as one JSON object (--json), or to a
 self-contained HTML page with thumbnails (--html).
@@ -24,21 +25,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from magiclens.model.arguments import add_search_arguments as add_arguments  # noqa: F401 - re-exported
 from magiclens.model.checkpoint import CheckpointError, load_checkpoint
-from magiclens.model.index import (
-    FAISS_FILE,
-    FAISS_RECORD,
-    ImageReader,
-    ImageReadError,
-    ImageRef,
-    LoadedIndex,
-    SearchIndexError,
-    checkpoint_fingerprint,
-    embed_decoded,
-    import_faiss,
-    load_index,
-)
+from magiclens.model.embed import ImageLocation, ImageReader, ImageReadError, embed_decoded
+from magiclens.model.index import FAISS_FILE, FAISS_RECORD, LoadedIndex, SearchIndexError, checkpoint_fingerprint, import_faiss, load_index
 from magiclens.model.magiclens import MagicLens
+from magiclens.model.metrics import inner_products, merge_top_k, sort_best_first
 from magiclens.model.preprocess import ImageDecodeError, PreprocessConfig, decode_image
 
 THUMBNAIL_SIZE = 256
@@ -58,30 +50,34 @@ def embed_query(
     model: MagicLens, preprocess: PreprocessConfig, image: bytes, instruction: str, device: torch.device
 ) -> torch.Tensor:
     """The (D,) float32 embedding of an encoded image with its instruction."""
-    pixels, max_value = decode_image(image, preprocess.image_size)
+    pixels, max_value = decode_image(image, preprocess.image_size, float_resize=True)  # as index: upright, float resize
     return embed_decoded(model, preprocess, pixels[None], torch.tensor([max_value]), [instruction], device)[0]
 
 
+def _item_at(index: LoadedIndex, starts: np.ndarray, position: int) -> dict[str, Any]:
+    shard = int(np.searchsorted(starts, position, side="right")) - 1
+    return index.items[shard][position - int(starts[shard])]
+
+
 def exact_top_k(index: LoadedIndex, query: torch.Tensor, k: int, chunk_rows: int = 65536, device: torch.device | None = None) -> list[Hit]:
-    """The k best items by inner product, scanning `chunk_rows` embeddings at a time."""
+    """The k best items by inner product, scanning `chunk_rows` embeddings at a time; exact ties
+    in the order the index holds the items."""
     device = device or query.device
     query = query.to(device, torch.float32)
     best_scores = torch.empty(0, device=device)
-    best_places = torch.empty(0, 2, dtype=torch.long, device=device)  # (shard, row)
-    for shard, vectors in enumerate(index.vectors):
+    best_positions = torch.empty(0, dtype=torch.long, device=device)  # in the index, all shards in order
+    offset = 0
+    for vectors in index.vectors:
         for start in range(0, vectors.shape[0], chunk_rows):
             chunk = torch.from_numpy(np.asarray(vectors[start : start + chunk_rows], dtype=np.float32)).to(device)
-            scores = chunk @ query
-            top = scores.topk(min(k, scores.shape[0]))
-            places = torch.stack([torch.full_like(top.indices, shard), top.indices + start], dim=1)
-            best_scores = torch.cat([best_scores, top.values])
-            best_places = torch.cat([best_places, places])
-            keep = best_scores.topk(min(k, best_scores.shape[0])).indices
-            best_scores, best_places = best_scores[keep], best_places[keep]
-    order = best_scores.argsort(descending=True)
+            scores = inner_products(query[None], chunk)[0]
+            top = sort_best_first(scores)[:k]
+            best_scores, best_positions = merge_top_k(best_scores, best_positions, scores[top], top + offset + start, k)
+        offset += vectors.shape[0]
+    starts = np.cumsum([0] + [len(items) for items in index.items])
     return [
-        Hit(rank + 1, float(best_scores[i]), index.items[int(best_places[i, 0])][int(best_places[i, 1])])
-        for rank, i in enumerate(order.tolist())
+        Hit(rank, float(score), _item_at(index, starts, position))
+        for rank, (score, position) in enumerate(zip(best_scores.tolist(), best_positions.tolist()), start=1)
     ]
 
 
@@ -107,13 +103,11 @@ def faiss_top_k(index: LoadedIndex, query: torch.Tensor, k: int, parameters: str
             raise SearchIndexError(f"faiss does not take {parameters!r} for a {record['factory']} index: {error}") from error
     scores, found = searchable.search(query.cpu().numpy()[None].astype(np.float32), min(k, index.size))
     starts = np.cumsum([0] + [len(items) for items in index.items])
-    hits = []
-    for score, position in zip(scores[0].tolist(), found[0].tolist()):
-        if position < 0:  # an approximate index may return fewer than k
-            continue
-        shard = int(np.searchsorted(starts, position, side="right")) - 1
-        hits.append(Hit(len(hits) + 1, float(score), index.items[shard][position - starts[shard]]))
-    return hits
+    # an approximate index may return fewer than k (position -1); exact ties in index order, as
+    # the exact search orders them (which of several tied items at the k-th place faiss returns
+    # is faiss's choice)
+    results = sorted((-score, position) for score, position in zip(scores[0].tolist(), found[0].tolist()) if position >= 0)
+    return [Hit(rank, -negative, _item_at(index, starts, position)) for rank, (negative, position) in enumerate(results, start=1)]
 
 
 def thumbnail_data_uri(image: bytes, size: int = THUMBNAIL_SIZE) -> str:
@@ -147,7 +141,7 @@ def render_html(query_image: bytes, instruction: str, hits: list[Hit], index: Lo
     results = []
     for hit in hits:
         try:
-            image, failure = reader.read(ImageRef.from_dict(hit.item)), ""
+            image, failure = reader.read(ImageLocation.from_dict(hit.item)), ""
         except ImageReadError as error:
             image, failure = None, f"cannot show this image: {error}"
         caption = f'<span class="rank">#{hit.rank}</span> <span class="score">{hit.score:.4f}</span><br>{html.escape(hit.item["id"])}'
@@ -181,57 +175,128 @@ ol.results {{ list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap:
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", required=True, help="an index folder written by `magiclens index`")
-    parser.add_argument("--checkpoint", required=True, help="the checkpoint that built the index (checked against the index)")
-    parser.add_argument("--image", required=True, help="the query image file")
-    parser.add_argument("--instruction", default="", help='what to find, relative to the query image (default: "", i.e. similar images)')
-    parser.add_argument("-k", type=int, default=10, help="how many results (default: 10)")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object with the query and the ranked results")
-    parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page with the query and result thumbnails")
-    parser.add_argument(
-        "--faiss",
-        action="store_true",
-        help="search the faiss index that `magiclens index --faiss FACTORY` built (exact or approximate, as built); needs faiss",
-    )
-    parser.add_argument(
-        "--faiss-params", default="", help='faiss search parameters, e.g. "efSearch=128" (HNSW) or "nprobe=32" (IVF)'
-    )
-    parser.add_argument("--chunk-rows", type=int, default=65536, help="embeddings scored per matrix product (default: 65536)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+@dataclass
+class Searcher:
+    """An index and the checkpoint that built it, loaded once for any number of queries."""
+
+    index: LoadedIndex
+    model: MagicLens
+    preprocess: PreprocessConfig
+    device: torch.device
+    chunk_rows: int = 65536
+    faiss_params: str | None = None  # None: exact search; a string (maybe ""): the faiss index
+
+    @classmethod
+    def open(cls, index_dir: str | Path, checkpoint: str | Path, device: str | None = None, chunk_rows: int = 65536,
+             faiss_params: str | None = None) -> Searcher:
+        """Load and check the index and the model; SearchIndexError or CheckpointError says what is wrong."""
+        if chunk_rows < 1:
+            raise SearchIndexError("--chunk-rows must be at least 1")
+        index = load_index(index_dir)
+        if index.size == 0:
+            raise SearchIndexError(f"{index_dir} holds no embeddings yet")
+        if checkpoint_fingerprint(checkpoint) != index.meta["fingerprint"]:
+            raise SearchIndexError(
+                f"{index_dir} was built with other weights ({index.meta['checkpoint']}); search it with that checkpoint"
+            )
+        torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, _, preprocess = load_checkpoint(checkpoint, torch_device)
+        return cls(index, model, preprocess, torch_device, chunk_rows, faiss_params)
+
+    def search(self, image: bytes, instruction: str, k: int, source: str = "the query image") -> list[Hit]:
+        """The k best images for an encoded query image and its instruction; SearchIndexError when
+        the image does not decode."""
+        if k < 1:
+            raise SearchIndexError("-k must be at least 1")
+        try:
+            query = embed_query(self.model, self.preprocess, image, instruction, self.device)
+        except ImageDecodeError as error:
+            raise SearchIndexError(f"{source} does not decode: {error}") from error
+        if self.faiss_params is not None:
+            return faiss_top_k(self.index, query, k, self.faiss_params)
+        return exact_top_k(self.index, query, k, self.chunk_rows, self.device)
+
+    def search_file(self, path: str | Path, instruction: str, k: int) -> list[Hit]:
+        return self.search(read_query_image(path), instruction, k, f"the query image {path}")
+
+
+def read_query_image(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise SearchIndexError(f"cannot read the query image {path}: {error.strerror or error}") from error
+
+
+def read_queries(path: str | Path) -> list[dict[str, Any]]:
+    """A JSON Lines file of {"image": path, "instruction": text} -> the queries; image paths are
+    relative to the file's folder. A line that is not such an object is an error naming the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise SearchIndexError(f"cannot read --queries {path}: {error.strerror or error}") from error
+    queries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            query = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SearchIndexError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(query, dict) or not isinstance(query.get("image"), str):
+            raise SearchIndexError(f'{path}:{number}: each line must be an object {{"image": PATH, "instruction": TEXT}}')
+        instruction = query.get("instruction", "")
+        if not isinstance(instruction, str):
+            raise SearchIndexError(f"{path}:{number}: instruction must be a string")
+        image = Path(query["image"])
+        queries.append({"image": str(image if image.is_absolute() else path.parent / image), "instruction": instruction})
+    if not queries:
+        raise SearchIndexError(f"--queries {path} holds no query")
+    return queries
+
+
+def search_many(searcher: Searcher, queries: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """One result list per query, in order; a query whose image cannot be read or decoded gets an
+    "error" instead of results, and the others still run."""
+    answers = []
+    for query in queries:
+        answer: dict[str, Any] = {"query": query}
+        try:
+            answer["results"] = [hit.to_dict() for hit in searcher.search_file(query["image"], query["instruction"], k)]
+        except SearchIndexError as error:
+            answer["error"] = str(error)
+        answers.append(answer)
+    return answers
+
+
+def _run_queries(searcher: Searcher, args: argparse.Namespace) -> int:
+    answers = search_many(searcher, read_queries(args.queries), args.k)
+    for answer in answers:
+        print(json.dumps(answer))
+    failed = sum("error" in answer for answer in answers)
+    if failed:
+        print(f"magiclens search: {failed} of {len(answers)} queries failed (see their \"error\")", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        if args.k < 1 or args.chunk_rows < 1:
-            raise SearchIndexError("-k and --chunk-rows must be at least 1")
-        index = load_index(args.index)
-        if index.size == 0:
-            raise SearchIndexError(f"{args.index} holds no embeddings yet")
-        if checkpoint_fingerprint(args.checkpoint) != index.meta["fingerprint"]:
-            raise SearchIndexError(
-                f"{args.index} was built with other weights ({index.meta['checkpoint']}); search it with that checkpoint"
-            )
-        try:
-            query_image = Path(args.image).read_bytes()
-        except OSError as error:
-            raise SearchIndexError(f"cannot read the query image {args.image}: {error.strerror or error}") from error
-        model, _, preprocess = load_checkpoint(args.checkpoint, device)
-        try:
-            query = embed_query(model, preprocess, query_image, args.instruction, device)
-        except ImageDecodeError as error:
-            raise SearchIndexError(f"the query image {args.image} does not decode: {error}") from error
-        if args.faiss:
-            hits = faiss_top_k(index, query, args.k, args.faiss_params)
-        else:
-            hits = exact_top_k(index, query, args.k, args.chunk_rows, device)
+        if args.k < 1:
+            raise SearchIndexError("-k must be at least 1")
+        if args.queries and args.html:
+            raise SearchIndexError("--html shows one query: leave it out with --queries")
+        query_image = read_query_image(args.image) if args.image else b""
+        searcher = Searcher.open(args.index, args.checkpoint, args.device, args.chunk_rows, args.faiss_params if args.faiss else None)
+        if args.queries:
+            return _run_queries(searcher, args)
+        hits = searcher.search(query_image, args.instruction, args.k, f"the query image {args.image}")
         if args.html:
-            page = render_html(query_image, args.instruction, hits, index)
+            page = render_html(query_image, args.instruction, hits, searcher.index)
             Path(args.html).write_text(page, encoding="utf-8")
     except (SearchIndexError, CheckpointError) as error:
         print(f"magiclens search: {error}", file=sys.stderr)
         return 2
+    index = searcher.index
     if args.json:
         report = {
             "query": {"image": str(Path(args.image).resolve()), "instruction": args.instruction},

@@ -4,19 +4,28 @@
 deriving the vocabulary exactly as OpenAI's reference tokenizer does, so token ids match the
 released CLIP and MagicLens weights. A pretrained backbone brings its own tokenizer instead
 (`load_tokenizer(path_or_hub_id)`).
+
+`tokenize` gives the ids the released MagicLens code gives (Scenic's CLIP tokenizer over OpenAI's
+SimpleTokenizer, truncate=True): the text is cleaned first as SimpleTokenizer cleans it
+(`clean_text`), which the Hugging Face tokenizer alone does not do (it neither unescapes HTML nor
+repairs text with ftfy), and rows are padded with id 0. See docs/fidelity.md.
 """
 
 from __future__ import annotations
 
 import gzip
+import html
+import re
 from functools import lru_cache
 from pathlib import Path
 
+import ftfy
 import torch
 from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
 CONTEXT_LENGTH = 77
 BPE_MERGES_FILE = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+PAD_ID = 0  # the released code pads with 0, which is also the id of the BPE symbol "!"
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 # OpenAI's vocabulary is 512 byte symbols + 48,894 merges + 2 special tokens = 49,408.
@@ -63,18 +72,28 @@ def load_tokenizer(source: str | None) -> PreTrainedTokenizerBase:
     return CLIPTokenizer.from_pretrained(source)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], fixed_length: bool = True) -> torch.Tensor:
-    """Token ids: start token, text, end token, padding; texts longer than 77 tokens are cut.
+_WHITESPACE = re.compile(r"\s+")
 
+
+def clean_text(text: str) -> str:
+    """The text as OpenAI's SimpleTokenizer sees it before BPE: repaired by ftfy, HTML entities
+    unescaped twice ("&amp;amp;" -> "&"), whitespace runs collapsed to one space, stripped, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], fixed_length: bool = True) -> torch.Tensor:
+    """Token ids, as the released code makes them: start token, the cleaned text, end token, then 0s.
+
+    A text longer than 77 tokens is cut to its first 75 and the end token kept last (the released
+    tokenizer's truncate=True; its evaluation script, which does not truncate, would raise instead).
     With fixed_length the ids are (len(texts), 77), as the released code feeds them; otherwise
     they are only as long as the longest text, which gives the same embeddings (CLIP's text
     attention is causal and pools at the first end token) for less compute.
     """
-    encoded = tokenizer(
-        texts,
-        padding="max_length" if fixed_length else "longest",
-        truncation=True,
-        max_length=CONTEXT_LENGTH,
-        return_tensors="pt",
-    )
-    return encoded["input_ids"]
+    rows = tokenizer([clean_text(text) for text in texts], truncation=True, max_length=CONTEXT_LENGTH)["input_ids"]
+    width = CONTEXT_LENGTH if fixed_length else max((len(row) for row in rows), default=0)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids

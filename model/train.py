@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from magiclens.model.arguments import add_train_arguments as add_arguments  # noqa: F401 - re-exported
 from magiclens.model.checkpoint import (
     LATEST_FILE,
     CheckpointError,
@@ -39,7 +40,6 @@ from magiclens.model.checkpoint import (
     point_latest,
     save_checkpoint,
 )
-from magiclens.model.config import MODEL_NAMES
 from magiclens.model.data import DatasetError, DataPosition, TripletBatches, plan_row_groups, sum_rejects
 from magiclens.model.loss import contrastive_loss
 from magiclens.model.magiclens import MagicLens
@@ -47,54 +47,6 @@ from magiclens.model.preprocess import PreprocessConfig, to_model_input
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature
 BATCH_TENSORS = ("query_pixels", "query_max", "input_ids", "target_pixels", "target_max", "target_hash", "query_hash")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="Parquet triplet shards: a file or a glob, local or gs://")
-    parser.add_argument("--model", choices=MODEL_NAMES, default="base", help="model size (tiny is for tests and demos)")
-    parser.add_argument(
-        "--backbone",
-        help="pretrained CLIP weights and tokenizer: a local directory or a hub id such as "
-        "openai/clip-vit-base-patch16 (base) or openai/clip-vit-large-patch14 (large); "
-        "default: a randomly initialised CLIP",
-    )
-    parser.add_argument("--output", required=True, type=Path, help="directory for checkpoints and TensorBoard logs")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps to train in total")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=64,
-        help="triplets per micro-batch per process; an optimizer step sees this x processes x --grad-accum",
-    )
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
-    parser.add_argument(
-        "--warmup-steps", type=int, help="linear warmup steps before the cosine decay (default: 5%% of --steps)"
-    )
-    parser.add_argument("--clip-grad", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=0.07,
-        help="initial softmax temperature of the loss, from 0.01 to 1 (learned unless --fixed-temperature)",
-    )
-    parser.add_argument("--fixed-temperature", action="store_true", help="keep the temperature fixed")
-    parser.add_argument("--freeze-backbone", action="store_true", help="train only the fusion layers and pooler")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per process")
-    parser.add_argument("--shuffle-buffer", type=int, default=1000, help="rows in each worker's shuffle buffer")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
-    parser.add_argument("--save-every", type=int, default=1000, help="write a checkpoint every N steps (and at the end)")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in --output, exactly where it stopped "
-        "(same data, --batch-size, --num-workers and number of processes)",
-    )
-    parser.add_argument("--log-every", type=int, default=10, help="write TensorBoard scalars every N steps")
-    parser.add_argument("--device", help="torch device (default: this rank's GPU if there is one, else cpu)")
 
 
 def _setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:

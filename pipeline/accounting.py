@@ -3,6 +3,10 @@
 Counts are Beam Metrics counters in the `magiclens` namespace named `STAGE.in`, `STAGE.out` and
 `STAGE.rejected.REASON`; at the end of a run they are read back from the pipeline result and written
 to `stats.json`. Rejected elements also go to `rejects/` (see `Reject`).
+
+A stage that only decides, per element, keep or reject subclasses `CheckStage` and supplies the
+decision; the base counts and emits the reject. A composite transform returns a dict: its results
+under a name that says what they are ("pairs", "images", ...) and its rejects under REJECTS_TAG.
 """
 
 from __future__ import annotations
@@ -43,6 +47,42 @@ class StageCounters:
             counter = self._rejected[reason] = Metrics.counter(NAMESPACE, f"{self.stage}.rejected.{reason}")
         counter.inc()
         return beam.pvalue.TaggedOutput(REJECTS_TAG, Reject(element_id, self.stage, reason, detail))
+
+
+Problem = tuple[str, str] | None
+"""(reason, detail) when an element is rejected; None when it is kept."""
+
+
+class CheckStage(beam.DoFn):
+    """A stage that keeps an element or rejects it with a reason, in the spirit of datatrove's BaseFilter.
+
+    Subclasses set `stage` (the counter prefix) and implement `problem` and `element_id`; `output`
+    may turn a kept element into what the stage emits (the element itself by default). Use it with
+    `beam.ParDo(check).with_outputs(REJECTS_TAG, main=...)`.
+    """
+
+    stage: str = ""
+
+    def problem(self, element) -> Problem:
+        raise NotImplementedError
+
+    def element_id(self, element) -> str:
+        raise NotImplementedError
+
+    def output(self, element):
+        return element
+
+    def setup(self):
+        self.counters = StageCounters(self.stage)
+
+    def process(self, element):
+        self.counters.received()
+        found = self.problem(element)
+        if found is not None:
+            yield self.counters.reject(self.element_id(element), *found)
+            return
+        self.counters.kept()
+        yield self.output(element)
 
 
 def stats_from_counters(counters: Mapping[str, int]) -> dict:

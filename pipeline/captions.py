@@ -131,7 +131,7 @@ def cache_row(sha256_caption: tuple[str, str], captioner_id: str, prompt_id: str
 
 
 class CaptionImages(beam.PTransform):
-    """pairs -> ((sha256, caption) for every image that has one, rejects of images that got none)."""
+    """pairs -> {"captions": (sha256, caption) for every image that has one, REJECTS_TAG: images that got none}."""
 
     def __init__(self, captions_dir: str, captioner: GenerationBackend, prompt: Prompt, batch_size: int, seed: int):
         super().__init__()
@@ -170,7 +170,7 @@ class CaptionImages(beam.PTransform):
         failed = dead_letters.failed_inferences | "FailedBatches" >> beam.ParDo(RejectFailedBatch(STAGE))
         captions = (split.cached, new.captions) | "AllCaptions" >> beam.Flatten()
         rejects = (new[REJECTS_TAG], failed) | "CaptionRejects" >> beam.Flatten()
-        return captions, rejects
+        return {"captions": captions, REJECTS_TAG: rejects}
 
 
 def _captions_by_pair(element):

@@ -1,14 +1,17 @@
 """Near duplicates across the whole run, and what they decide about pairs.
 
-Every image carries a 64-bit pHash. Two images are near duplicates when their hashes differ in at
-most t bits (`--corpus-duplicate-distance`). Finding them without comparing every image with every
+Every image carries a 64-bit pHash and a colour signature (pipeline/pixels.py). Two images are
+near duplicates when their hashes differ in at most t bits (`--corpus-duplicate-distance`) AND their
+colours agree: pHash sees gray levels only, and the same product in another colour is a relation
+to pair, not a duplicate. Finding them without comparing every image with every
 other uses multi-index hashing: the hash is cut into t+1 bands, and two hashes within distance t
 agree exactly on at least one band (t differing bits cannot touch all t+1 bands). So images are
 grouped by (band, band value), only hashes in one bucket are compared, and each verified pair is
-emitted once, from the first band on which the two agree.
+emitted once, from the first band on which the two agree; the colours are checked on those pairs.
 
-The verified pairs are edges of a graph over distinct hashes; each connected component is a
-cluster, and its id is the smallest hash in it, so the same input always gives the same ids.
+The verified pairs are edges of a graph over nodes, a node being a distinct (pHash, colour
+signature), written "PHASH:COLOUR"; each connected component is a cluster, and its id is the
+smallest node in it, so the same input always gives the same ids.
 Components are labelled in Beam by `rounds` rounds of min-label propagation, each followed by a
 pointer jump (a node takes its label's label), which covers paths of about 2**rounds edges. The
 edges whose two ends still carry different labels afterwards are counted in
@@ -21,6 +24,7 @@ Clusters then decide, per page (`select_page_images`) and over the output (`CapP
   near_duplicate_cluster  a second image of a cluster already on the page (the two sides of a pair
                           are never one cluster)
   cluster_pair_cap        a cluster takes part in at most --max-pairs-per-image pairs of the output
+                          (pipeline/pair_cap.py)
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ import apache_beam as beam
 import numpy as np
 
 from magiclens.pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
+from magiclens.pipeline.hashing import hamming
+from magiclens.pipeline.pair_cap import CapPairsPerCluster, ClusteredPair
 from magiclens.pipeline.pairs import PageImage, PairingConfig, choose_pairs, drop_duplicates, pair_row
+from magiclens.pipeline.pixels import colours_agree, measured
 
 HASH_BITS = 64
 # Cells of the distance matrix computed at once when verifying one bucket (bounds memory).
@@ -56,22 +63,24 @@ class ImageKey:
     page_url: str
     sha256: str
     phash: str
+    colour: str | None = None  # colour signature; None when unknown (then the pHash alone decides)
+
+    @property
+    def node(self) -> str:
+        """The graph node of the image: its pHash, and its colour signature when known."""
+        return self.phash if self.colour is None else f"{self.phash}:{self.colour}"
+
+
+def _node_parts(node: str) -> tuple[int, str | None]:
+    phash, _, colour = node.partition(":")
+    return int(phash, 16), colour or None
 
 
 @dataclass(frozen=True)
 class ImageCluster:
     sha256: str
-    cluster_id: str  # the smallest pHash (16 hex digits) of the image's cluster
+    cluster_id: str  # the smallest node ("PHASH:COLOUR") of the image's cluster
     pages: int  # distinct pages on which the cluster appears
-
-
-@dataclass(frozen=True)
-class ClusteredPair:
-    """A pair row with the clusters of its two sides, for the per-cluster cap."""
-
-    row: dict
-    query_cluster: str
-    target_cluster: str
 
 
 def band_layout(max_distance: int) -> list[tuple[int, int]]:
@@ -100,22 +109,20 @@ def first_shared_band(a: int, b: int, layout: list[tuple[int, int]]) -> int | No
     return None
 
 
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
-
-
 def near_pairs_in_bucket(
-    hashes: Iterable[str], band: int, layout: list[tuple[int, int]], max_distance: int
+    nodes: Iterable[str], band: int, layout: list[tuple[int, int]], max_distance: int
 ) -> Iterator[tuple[str, str]]:
-    """Pairs (smaller, larger) of distinct hashes of one bucket within `max_distance` bits.
+    """Pairs (smaller, larger) of distinct nodes of one bucket within `max_distance` pHash bits
+    whose colours agree.
 
     A pair is yielded only by the bucket of the first band its hashes share, so each edge of the
     whole run is yielded exactly once.
     """
-    nodes = sorted(set(hashes))
+    nodes = sorted(set(nodes))
     if len(nodes) < 2:
         return
-    values = np.array([int(node, 16) for node in nodes], dtype=np.uint64)
+    parts = [_node_parts(node) for node in nodes]
+    values = np.array([value for value, _ in parts], dtype=np.uint64)
     rows_at_once = max(1, _VERIFY_CELLS // len(values))
     for start in range(0, len(values), rows_at_once):
         block = values[start : start + rows_at_once]
@@ -123,7 +130,8 @@ def near_pairs_in_bucket(
         for i, j in zip(*np.nonzero(distances <= max_distance)):
             i = int(i) + start
             j = int(j)
-            if j > i and first_shared_band(int(values[i]), int(values[j]), layout) == band:
+            if (j > i and first_shared_band(int(values[i]), int(values[j]), layout) == band
+                    and colours_agree(parts[i][1], parts[j][1])):
                 yield nodes[i], nodes[j]
 
 
@@ -177,17 +185,12 @@ def select_page_images(
     return kept, dropped
 
 
-def pairs_to_keep(pair_ids: Iterable[str], max_pairs: int) -> set[str]:
-    """The pairs of one cluster it accepts: the first `max_pairs` by pair_id (stable, unbiased)."""
-    return set(sorted(set(pair_ids))[:max_pairs])
-
-
 # ---- Beam ---------------------------------------------------------------------------------------
 
 
-def _bucket_entries(phash: str, layout: list[tuple[int, int]]):
-    for band, value in enumerate(band_values(int(phash, 16), layout)):
-        yield (band, value), phash
+def _bucket_entries(node: str, layout: list[tuple[int, int]]):
+    for band, value in enumerate(band_values(_node_parts(node)[0], layout)):
+        yield (band, value), node
 
 
 class _VerifyBucket(beam.DoFn):
@@ -237,9 +240,9 @@ class _CountUnresolved(beam.DoFn):
 
 
 def _assign_cluster(element):
-    phash, grouped = element
+    node, grouped = element
     labels = list(grouped["label"])
-    cluster_id = labels[0] if labels else phash  # a hash with no near duplicate is its own cluster
+    cluster_id = labels[0] if labels else node  # a node with no near duplicate is its own cluster
     for page_url, sha256 in grouped["images"]:
         yield cluster_id, (page_url, sha256)
 
@@ -269,7 +272,7 @@ class ClusterImages(beam.PTransform):
 
     def expand(self, keys):
         layout = band_layout(self.config.max_distance)
-        nodes = keys | "Hashes" >> beam.Map(lambda key: key.phash) | "DistinctHashes" >> beam.Distinct()
+        nodes = keys | "Nodes" >> beam.Map(lambda key: key.node) | "DistinctNodes" >> beam.Distinct()
         edges = (
             nodes
             | "Bands" >> beam.FlatMap(_bucket_entries, layout)
@@ -303,7 +306,7 @@ class ClusterImages(beam.PTransform):
             | "CountUnresolved" >> beam.ParDo(_CountUnresolved())
         )
         members = (
-            {"images": keys | "ByHash" >> beam.Map(lambda key: (key.phash, (key.page_url, key.sha256))),
+            {"images": keys | "ByNode" >> beam.Map(lambda key: (key.node, (key.page_url, key.sha256))),
              "label": labels}
             | "JoinLabels" >> beam.CoGroupByKey()
             | "AssignCluster" >> beam.FlatMap(_assign_cluster)
@@ -361,68 +364,14 @@ class BuildClusteredPairs(beam.DoFn):
             )
 
 
-def _cluster_votes(element, max_pairs: int):
-    cluster_id, pair_ids = element
-    pair_ids = list(pair_ids)
-    accepted = pairs_to_keep(pair_ids, max_pairs)
-    for pair_id in set(pair_ids):
-        yield pair_id, (cluster_id, pair_id in accepted, len(set(pair_ids)))
-
-
-class _ApplyCap(beam.DoFn):
-    def __init__(self, max_pairs: int):
-        self.max_pairs = max_pairs
-
-    def setup(self):
-        self.pair_cap = StageCounters("pair_cap")
-
-    def process(self, element):
-        pair_id, grouped = element
-        votes = list(grouped["votes"])
-        for pair in grouped["pair"]:
-            self.pair_cap.received()
-            refused = [(cluster_id, count) for cluster_id, accepted, count in votes if not accepted]
-            if refused:
-                cluster_id, count = refused[0]
-                yield self.pair_cap.reject(pair_id, "cluster_pair_cap",
-                                           f"cluster {cluster_id} is in {count} pairs (cap {self.max_pairs})")
-            else:
-                self.pair_cap.kept()
-                yield pair.row
-
-
-class CapPairsPerCluster(beam.PTransform):
-    """ClusteredPair -> pair rows; a pair is kept when both its clusters accept it (stage `pair_cap`).
-
-    Each cluster accepts its first `max_pairs` pairs by pair_id, so no cluster is in more than
-    `max_pairs` kept pairs. A cluster's pair ids fit in memory: a cluster on more pages than
-    --max-pages-per-image was already dropped, so it has at most that many times --pairs-per-page.
-    Outputs: main (rows) and REJECTS_TAG.
-    """
-
-    def __init__(self, max_pairs: int):
-        super().__init__()
-        self.max_pairs = max_pairs
-
-    def expand(self, pairs):
-        keyed = pairs | "ByPairId" >> beam.Map(lambda pair: (pair.row["pair_id"], pair))
-        votes = (
-            pairs
-            | "ClusterOfEachSide" >> beam.FlatMap(
-                lambda pair: [(pair.query_cluster, pair.row["pair_id"]), (pair.target_cluster, pair.row["pair_id"])]
-            )
-            | "ByCluster" >> beam.GroupByKey()
-            | "Votes" >> beam.FlatMap(_cluster_votes, self.max_pairs)
-        )
-        return (
-            {"pair": keyed, "votes": votes}
-            | "JoinVotes" >> beam.CoGroupByKey()
-            | "Cap" >> beam.ParDo(_ApplyCap(self.max_pairs)).with_outputs(REJECTS_TAG, main="pairs")
-        )
+def _image_key(element: tuple[str, PageImage]) -> ImageKey:
+    page_url, item = element
+    image = measured(item.image)  # already measured by the post-decode check in `mine`
+    return ImageKey(page_url, image.sha256, image.phash, image.colour)
 
 
 class DedupeAndPair(beam.PTransform):
-    """(page URL, PageImage) -> {"pairs": pair rows, "rejects": Reject}.
+    """(page URL, PageImage) -> {"pairs": pair rows, REJECTS_TAG: Reject}.
 
     Clusters every image of the run, drops site furniture and same-cluster images per page,
     chooses each page's pairs, and caps the pairs per cluster.
@@ -434,9 +383,7 @@ class DedupeAndPair(beam.PTransform):
         self.config = config
 
     def expand(self, page_images):
-        keys = page_images | "ImageKeys" >> beam.Map(
-            lambda element: ImageKey(element[0], element[1].image.sha256, element[1].image.phash)
-        )
+        keys = page_images | "ImageKeys" >> beam.Map(_image_key)
         clusters = keys | "Cluster" >> ClusterImages(self.config)
         paired = (
             {"images": page_images, "clusters": clusters}
@@ -447,4 +394,4 @@ class DedupeAndPair(beam.PTransform):
         )
         capped = paired.pairs | "CapPerCluster" >> CapPairsPerCluster(self.config.max_pairs_per_image)
         rejects = (paired[REJECTS_TAG], capped[REJECTS_TAG]) | "DedupeRejects" >> beam.Flatten()
-        return {"pairs": capped.pairs, "rejects": rejects}
+        return {"pairs": capped["pairs"], REJECTS_TAG: rejects}

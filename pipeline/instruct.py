@@ -14,11 +14,11 @@ Stages in stats.json: `captions` (images that needed a caption), `instruct` (pai
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -36,19 +36,15 @@ from magiclens.pipeline.accounting import (
     write_json,
 )
 from magiclens.pipeline.beam_options import configure_logging, pipeline_options
+from magiclens.pipeline.card import write_card
 from magiclens.pipeline.captions import AttachCaptions, CaptionImages, default_captions_dir
+from magiclens.pipeline.hashing import stable_hash
+from magiclens.pipeline.instruct_arguments import add_arguments  # noqa: F401 - re-exported
 from magiclens.pipeline.records import Reject
-from magiclens.pipeline.report import write_report
-from magiclens.pipeline.writers import WriterRejected
-from magiclens.pipeline.writers.chat import (
-    CAPTIONER_BACKENDS,
-    WRITER_BACKENDS,
-    GenerationModelHandler,
-    GenerationTask,
-    RejectFailedBatch,
-    TokenCounters,
-    make_backend,
-)
+from magiclens.pipeline.output import begin_run, check_writable, require_committed_dataset
+from magiclens.pipeline.report import REPORT_NAME, write_report
+from magiclens.pipeline.writers import BackendConfig, WriterRejected, make_backend
+from magiclens.pipeline.writers.chat import GenerationModelHandler, GenerationTask, RejectFailedBatch, TokenCounters
 from magiclens.pipeline.writers.prompt import CAPTION, INSTRUCTION, Prompt, instruction_request, load_prompt
 from magiclens.pipeline.writers.template import TemplateWriter
 from magiclens.pipeline.writers.validate import check_instructions, parse_answer, raw_output
@@ -66,6 +62,22 @@ TEMPLATE_ANSWER_SCHEMA = {
 
 
 @dataclass(frozen=True)
+class InstructConfig:
+    """`magiclens instruct`'s settings, checked and complete (defaults resolved) before the run."""
+
+    pairs: str
+    output: str
+    writer: BackendConfig
+    captioner: BackendConfig | None  # None: no captioner, alt text and nearby text only
+    prompt: str  # prompt name or file of the instruction writer (unused by the template writer)
+    caption_prompt: str
+    captions: str | None  # the caption cache directory; None without a captioner
+    instructions_per_pair: int = 1
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class WriterSpec:
     """What the writer steps need to know, picklable for the workers."""
 
@@ -80,15 +92,11 @@ class WriterSpec:
         return self.prompt.prompt_id if self.prompt else TemplateWriter.prompt_id
 
 
-def stable_id(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
-
-
 def triplet_rows(pair: dict, instructions: list[str], spec: WriterSpec) -> list[dict]:
     """Rows of the triplets schema (pipeline/schemas.py) for one pair."""
     return [
         {
-            "triplet_id": stable_id(pair["pair_id"], spec.prompt_id, spec.writer_id, str(index)),
+            "triplet_id": stable_hash(pair["pair_id"], spec.prompt_id, spec.writer_id, str(index)),
             "query_image": pair["query_image"],
             "instruction": instruction,
             "target_image": pair["target_image"],
@@ -100,13 +108,18 @@ def triplet_rows(pair: dict, instructions: list[str], spec: WriterSpec) -> list[
             "target_caption": pair.get("target_caption"),
             "prompt_id": spec.prompt_id,
             "writer": spec.writer_id,
+            # the pair's provenance and descriptions; None for columns a pairs dataset of an older schema lacks
+            **{column: pair.get(column) for column in schemas.PAIR_COLUMNS_IN_TRIPLETS},
         }
         for index, instruction in enumerate(instructions)
     ]
 
 
 class BuildWriterTasks(beam.DoFn):
-    """A pair -> the writer's task (its rendered prompt), or a reject when a caption it needs is missing."""
+    """A pair -> the writer's task (its rendered prompt), or a reject when a caption it needs is missing.
+
+    The first half of stage `instruct` (TripletsFromGenerations counts what it keeps), so not a CheckStage.
+    """
 
     def __init__(self, spec: WriterSpec):
         self.spec = spec
@@ -169,6 +182,14 @@ class TripletsFromGenerations(beam.DoFn):
             yield row
 
 
+def pairs_location(path: str) -> str:
+    """A `magiclens mine` output directory stands for its pairs/ folder; anything else is kept."""
+    if path.endswith(".parquet") or any(ch in path for ch in "*?["):
+        return path
+    inner = FileSystems.join(path, "pairs")
+    return inner if FileSystems.match([FileSystems.join(inner, "*.parquet")])[0].metadata_list else path
+
+
 def pairs_pattern(path: str) -> str:
     """A pairs directory means its Parquet files; anything else is taken as a glob."""
     if path.endswith(".parquet") or any(ch in path for ch in "*?["):
@@ -176,95 +197,63 @@ def pairs_pattern(path: str) -> str:
     return FileSystems.join(path, "*.parquet")
 
 
-def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace) -> WriterSpec:
-    """The instruct pipeline for checked command-line arguments (see add_arguments, check_arguments)."""
-    writer = make_backend(args.writer, args, "writer")
-    prompt = None if args.writer == "template" else load_prompt(args.prompt, INSTRUCTION)
-    spec = WriterSpec(writer.backend_id, prompt, args.instructions_per_pair, args.seed, args.captioner != "none")
-    pairs = pipeline | "ReadPairs" >> ReadFromParquet(pairs_pattern(args.pairs))
+def build_pipeline(pipeline: beam.Pipeline, config: InstructConfig) -> WriterSpec:
+    """The instruct pipeline for a checked configuration (see config_from_args)."""
+    writer = make_backend(config.writer)
+    prompt = None if config.writer.name == "template" else load_prompt(config.prompt, INSTRUCTION)
+    spec = WriterSpec(writer.backend_id, prompt, config.instructions_per_pair, config.seed, config.captioner is not None)
+    pairs = pipeline | "ReadPairs" >> ReadFromParquet(pairs_pattern(config.pairs))
     rejects = []
-    if args.captioner != "none":
-        captioner = make_backend(args.captioner, args, "captioner")
-        caption_prompt = load_prompt(args.caption_prompt, CAPTION)
-        captions, caption_rejects = pairs | "Captions" >> CaptionImages(
-            args.captions, captioner, caption_prompt, args.batch_size, args.seed
+    if config.captioner is not None:
+        captioner = make_backend(config.captioner)
+        caption_prompt = load_prompt(config.caption_prompt, CAPTION)
+        captioned = pairs | "Captions" >> CaptionImages(
+            config.captions, captioner, caption_prompt, config.batch_size, config.seed
         )
-        pairs = pairs | "AttachCaptions" >> AttachCaptions(captions)
-        rejects.append(caption_rejects)
+        pairs = pairs | "AttachCaptions" >> AttachCaptions(captioned["captions"])
+        rejects.append(captioned[REJECTS_TAG])
     tasks = pairs | "WriterTasks" >> beam.ParDo(BuildWriterTasks(spec)).with_outputs(REJECTS_TAG, main="tasks")
-    handler = GenerationModelHandler(writer, args.batch_size, "magiclens_writer")
+    handler = GenerationModelHandler(writer, config.batch_size, "magiclens_writer")
     generated, dead_letters = tasks.tasks | "Write" >> RunInference(handler).with_exception_handling()
     written = generated | "Check" >> beam.ParDo(TripletsFromGenerations(spec)).with_outputs(REJECTS_TAG, main="triplets")
     failed = dead_letters.failed_inferences | "FailedBatches" >> beam.ParDo(RejectFailedBatch(STAGE))
     rejects += [tasks[REJECTS_TAG], written[REJECTS_TAG], failed]
     written.triplets | "WriteTriplets" >> WriteToParquet(
-        FileSystems.join(args.output, "triplets", "part"), schemas.TRIPLETS, file_name_suffix=".parquet"
+        FileSystems.join(config.output, "triplets", "part"), schemas.TRIPLETS, file_name_suffix=".parquet"
     )
     (
         rejects
         | "AllRejects" >> beam.Flatten()
         | "RejectRows" >> beam.Map(Reject.as_row)
         | "WriteRejects"
-        >> WriteToParquet(FileSystems.join(args.output, "rejects", "part"), schemas.REJECTS, file_name_suffix=".parquet")
+        >> WriteToParquet(FileSystems.join(config.output, "rejects", "part"), schemas.REJECTS, file_name_suffix=".parquet")
     )
     return spec
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Write instructions for mined pairs. Reads PAIRS (a pairs directory or glob) and the caption cache, "
-        "writes OUTPUT/triplets/*.parquet, OUTPUT/rejects/ and OUTPUT/stats.json. To get a new triplet set, "
-        "write a new prompt version and run again: nothing is mined, fetched or captioned again. Unlisted "
-        "arguments are Beam pipeline options; the default runner is Beam's in-process FnApiRunner."
+def _backend(args: argparse.Namespace, role: str) -> BackendConfig:
+    captioner = role == "captioner"
+    return BackendConfig(
+        name=args.captioner if captioner else args.writer,
+        role=role,
+        model=(args.caption_model if captioner else None) or args.model,
+        endpoint=(args.caption_endpoint if captioner else None) or args.endpoint,
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        max_retries=args.max_retries,
+        request_timeout_s=args.request_timeout,
+        request_deadline_s=args.request_deadline,
+        max_answer_bytes=args.max_answer_bytes,
+        retry_backoff_s=args.retry_backoff,
+        vllm_args=tuple(args.vllm_arg or ()),
+        device=args.device,
+        instructions_per_pair=args.instructions_per_pair,
     )
-    parser.add_argument("--pairs", required=True, metavar="DIR_OR_GLOB", help="pairs written by `magiclens mine` (DIR/pairs)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="output directory (local, gs://, s3://)")
-    parser.add_argument("--writer", default="template", choices=WRITER_BACKENDS,
-                        help="instruction writer: template (rule-based, offline; default), openai (an OpenAI-compatible "
-                             "endpoint), vllm (vLLM offline engine on this machine's GPUs), transformers (local Hugging Face model)")
-    parser.add_argument("--prompt", default="instruct", metavar="NAME_OR_FILE",
-                        help="instruction prompt: a shipped prompt name (prompts/NAME.yaml) or a YAML file (default: instruct); "
-                             "ignored by the template writer")
-    parser.add_argument("--captioner", default="none", choices=CAPTIONER_BACKENDS,
-                        help="captioner for the pairs' images: none (alt text and nearby text only; default), openai, vllm, "
-                             "transformers (an image-text-to-text model)")
-    parser.add_argument("--caption-prompt", default="caption", metavar="NAME_OR_FILE",
-                        help="caption prompt: a shipped prompt name or a YAML file (default: caption)")
-    parser.add_argument("--captions", metavar="DIR",
-                        help="caption cache, a Parquet dataset keyed by image sha256, captioner and caption prompt "
-                             "(default: captions/ beside the pairs directory)")
-    parser.add_argument("--instructions-per-pair", type=int, default=1, metavar="N",
-                        help="write up to N triplets per pair, each with its own instruction (default 1)")
-    model = parser.add_argument_group("model backends (openai, vllm, transformers)")
-    model.add_argument("--model", metavar="NAME",
-                       help="the writer's model: the served model name (openai), or a local path or hub id (vllm, transformers)")
-    model.add_argument("--caption-model", metavar="NAME", help="the captioner's model (default: --model)")
-    model.add_argument("--endpoint", metavar="URL",
-                       help="OpenAI-compatible API base for --writer openai, e.g. http://127.0.0.1:8000/v1")
-    model.add_argument("--caption-endpoint", metavar="URL", help="API base for --captioner openai (default: --endpoint)")
-    model.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                       help="environment variable holding the API key, read on the workers (default OPENAI_API_KEY; "
-                            "unset means no key, as local servers need)")
-    model.add_argument("--concurrency", type=int, default=8, metavar="N",
-                       help="openai: requests in flight at once per worker process (default 8)")
-    model.add_argument("--max-retries", type=int, default=5, metavar="N",
-                       help="openai: retries of a request after 429, 5xx, a timeout or a dropped connection (default 5)")
-    model.add_argument("--retry-backoff", type=float, default=1.0, metavar="SECONDS",
-                       help="openai: first retry delay, doubled each retry, with jitter; Retry-After wins (default 1.0)")
-    model.add_argument("--request-timeout", type=float, default=120.0, metavar="SECONDS",
-                       help="openai: time allowed for one request (default 120)")
-    model.add_argument("--batch-size", type=int, default=32, metavar="N",
-                       help="elements per RunInference batch (default 32)")
-    model.add_argument("--device", default="auto", metavar="DEVICE",
-                       help="transformers: torch device, e.g. cpu or cuda:0 (default auto: cuda when available)")
-    model.add_argument("--vllm-arg", action="append", metavar="KEY=VALUE",
-                       help="vllm: an engine argument of vllm.LLM, repeatable, e.g. tensor_parallel_size=2 or max_model_len=8192")
-    model.add_argument("--seed", type=int, default=0,
-                       help="seed of the few-shot sampling and of generation; per element, so reruns repeat (default 0)")
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Fail before the pipeline starts, with what to do, on anything the workers would trip on."""
+def config_from_args(args: argparse.Namespace) -> InstructConfig:
+    """Check the arguments and build the configuration; SystemExit with what to do on anything the
+    workers would trip on, before the pipeline starts."""
     if args.instructions_per_pair < 1:
         raise SystemExit(f"--instructions-per-pair must be at least 1, got {args.instructions_per_pair}")
     for flag in ("concurrency", "batch_size"):
@@ -272,63 +261,104 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_retries < 0:
         raise SystemExit("--max-retries must be 0 or more")
+    args.pairs = pairs_location(args.pairs)
     pattern = pairs_pattern(args.pairs)
+    if pattern != args.pairs:  # a directory: only the committed output of a finished `mine`
+        require_committed_dataset(args.pairs, "--pairs", "`magiclens mine`")
     if not FileSystems.match([pattern])[0].metadata_list:
         raise SystemExit(f"--pairs {args.pairs!r}: no Parquet files match {pattern!r}; run `magiclens mine` first")
-    if args.captioner != "none" and not args.captions and not default_captions_dir(args.pairs):
+    captioned = args.captioner != "none"
+    captions = (args.captions or default_captions_dir(args.pairs)) if captioned else None
+    if captioned and not captions:
         raise SystemExit("--pairs is a glob or a file: give the caption cache directory with --captions DIR")
     if "vllm" in (args.writer, args.captioner):
         from magiclens.pipeline.writers.vllm import import_vllm
 
         import_vllm()
+    if "openai" in (args.writer, args.captioner):
+        from magiclens.pipeline.preflight import check_endpoint_reachable
+
+        if args.writer == "openai" and args.endpoint:
+            check_endpoint_reachable(args.endpoint)
+        if args.captioner == "openai" and (args.caption_endpoint or args.endpoint):
+            check_endpoint_reachable(args.caption_endpoint or args.endpoint, "--caption-endpoint")
     if "openai" in (args.writer, args.captioner) and args.api_key_env and not os.environ.get(args.api_key_env):
         LOG.warning("%s is not set: sending requests without an API key (fine for local servers)", args.api_key_env)
+    return InstructConfig(
+        pairs=args.pairs,
+        output=args.output,
+        writer=_backend(args, "writer"),
+        captioner=_backend(args, "captioner") if captioned else None,
+        prompt=args.prompt,
+        caption_prompt=args.caption_prompt,
+        captions=captions,
+        instructions_per_pair=args.instructions_per_pair,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     configure_logging()
-    check_arguments(args)
-    if args.captioner != "none":
-        args.captions = args.captions or default_captions_dir(args.pairs)
+    config = config_from_args(args)
     options = pipeline_options(extra)
-    started = time.time()
-    pipeline = beam.Pipeline(options=options)
-    prompt_id = build_pipeline(pipeline, args).prompt_id
-    result = pipeline.run()
     template = options.view_as(GoogleCloudOptions).template_location
-    if template:
-        print(f"Dataflow template written: {template}")
-        return 0
-    result.wait_until_finish()
-    stats = stats_from_counters(counters_from_result(result))
-    write_json(
-        FileSystems.join(args.output, "stats.json"),
-        {
-            "command": "instruct",
-            "pairs": args.pairs,
-            "writer": args.writer,
-            "model": args.model,
-            "prompt_id": prompt_id,
-            "captioner": args.captioner,
-            "captions": args.captions,
-            "instructions_per_pair": args.instructions_per_pair,
-            "seconds": round(time.time() - started, 2),
-            "stages": stats,
-        },
-    )
+    if template:  # the job runs later, without this process to commit it: it writes in place
+        check_writable(config.output)
+    output_run = None if template else begin_run(config.output, "instruct", args.overwrite)
+    try:
+        started = time.time()
+        pipeline = beam.Pipeline(options=options)
+        prompt_id = build_pipeline(pipeline, replace(config, output=output_run.temp) if output_run else config).prompt_id
+        result = pipeline.run()
+        if template:
+            print(f"Dataflow template written: {template}")
+            return 0
+        result.wait_until_finish()
+        stats = stats_from_counters(counters_from_result(result))
+        _write_stats(output_run.temp, config, prompt_id, stats, time.time() - started)
+        write_report(output_run.temp, shown_as=config.output)
+        output_run.commit()
+    except BaseException:
+        if output_run is not None:
+            output_run.abandon()
+        raise
     entry = stats.get(STAGE, {})
     triplets = stats.get("outputs", {}).get("triplets", 0)
-    print(f"triplets written: {triplets} ({prompt_id})  ->  {FileSystems.join(args.output, 'triplets')}")
+    print(f"triplets written: {triplets} ({prompt_id})  ->  {FileSystems.join(config.output, 'triplets')}")
     print(f"  pairs in {entry.get('in', 0)}, with instructions {entry.get('out', 0)}, "
           f"rejected {entry.get('rejected_total', 0)} {entry.get('rejected', {})}")
-    if args.captioner != "none":
+    if config.captioner is not None:
         captions = stats.get("captions", {})
         print(f"  captions: {captions.get('from_cache', 0)} from the cache, {captions.get('in', 0)} captioned now "
-              f"({captions.get('out', 0)} kept, rejected {captions.get('rejected', {})})  cache: {args.captions}")
-    print(f"stats: {FileSystems.join(args.output, 'stats.json')}")
-    print(f"report: {write_report(args.output)}")
+              f"({captions.get('out', 0)} kept, rejected {captions.get('rejected', {})})  cache: {config.captions}")
+    print(f"stats: {FileSystems.join(config.output, 'stats.json')}")
+    print(f"report: {FileSystems.join(config.output, REPORT_NAME)}")
     broken = unbalanced_stages(stats)
     if broken:
         LOG.error("stages whose counts do not balance: %s", ", ".join(broken))
         return 1
+    if not stats.get("outputs", {}).get("triplets"):
+        from magiclens.pipeline.preflight import explain_empty_output
+
+        print(f"magiclens instruct: no triplets written: {explain_empty_output(stats, 'triplets')}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_stats(folder: str, config: InstructConfig, prompt_id: str, stats: dict, seconds: float) -> None:
+    """stats.json and the dataset card (README.md)."""
+    summary = {
+        "command": "instruct",
+        "pairs": config.pairs,
+        "writer": config.writer.name,
+        "model": config.writer.model,
+        "prompt_id": prompt_id,
+        "captioner": config.captioner.name if config.captioner else "none",
+        "captions": config.captions,
+        "instructions_per_pair": config.instructions_per_pair,
+        "seconds": round(seconds, 2),
+        "stages": stats,
+    }
+    write_json(FileSystems.join(folder, "stats.json"), summary)
+    write_card(folder, summary)

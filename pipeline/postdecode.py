@@ -1,10 +1,14 @@
-"""Checks on an image after it was decoded and normalised (pipeline/images.py), before dedupe.
+"""Checks on an image after it was decoded and normalised (pipeline/images/normalize.py), before dedupe.
 
 Size floor, aspect ratio, animation and format are checked by `normalize_image` itself; this adds
-what needs pixels:
+what needs pixels, all measured once on a ~64 px copy (pipeline/pixels.py):
 
   near_uniform   the gray levels barely vary (blank, single-colour or fully transparent images:
                  their pHashes are all alike, so left in they would chain unrelated clusters)
+  graphic        the photo score is under `min_photo_score` (off by default)
+
+A kept image leaves this stage carrying its photo score and colour signature, which dedupe
+(colour variants are not duplicates) and the pairs rows use.
 
 Transparency is already handled before hashing: `normalize_image` composites transparent pixels on
 white, so a transparent icon hashes by its visible shape, and one with nothing visible becomes a
@@ -13,18 +17,11 @@ white image that `near_uniform` rejects.
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import apache_beam as beam
-import numpy as np
-from PIL import Image
-
-from magiclens.pipeline.accounting import StageCounters
+from magiclens.pipeline.accounting import CheckStage, Problem
+from magiclens.pipeline.pixels import PixelSignals, measured, pixel_signals
 from magiclens.pipeline.records import NormalizedImage
-
-# The variance is measured on a small copy: JPEG decodes straight to 1/8 scale (draft mode).
-_PROBE_SIZE = (64, 64)
 
 
 @dataclass(frozen=True)
@@ -32,39 +29,53 @@ class DecodedImageConfig:
     # Gray-level standard deviation (0-255) under which an image is near-uniform. The shared real
     # photos measure 9.9 (microaneurysms) to 72; a blank or one-colour image measures under 2.
     min_pixel_std: float = 6.0
+    # Photo score (0 graphic .. 1 photo) under which an image is rejected as `graphic`; 0 = off.
+    # Shared colour photos score 0.23 and up, logos, charts, text and line art 0.05 and under, but
+    # gray photos score low too (docs/filters.md).
+    min_photo_score: float = 0.0
 
 
 def pixel_std(image: NormalizedImage) -> float:
     """Standard deviation of the gray levels of the stored JPEG, measured at about 64 px."""
-    with Image.open(io.BytesIO(image.jpeg)) as stored:
-        stored.draft("L", _PROBE_SIZE)
-        gray = np.asarray(stored.convert("L"), dtype=np.float32)
-    return float(gray.std())
+    return pixel_signals(image.jpeg).gray_std
 
 
-def decoded_image_problem(image: NormalizedImage, config: DecodedImageConfig) -> tuple[str, str] | None:
-    """(reason, detail) when the decoded image is not worth keeping, else None."""
-    spread = pixel_std(image)
-    if spread < config.min_pixel_std:
-        return "near_uniform", f"gray-level std {spread:.1f} under {config.min_pixel_std:g}"
+def signals_problem(signals: PixelSignals, config: DecodedImageConfig) -> Problem:
+    """(reason, detail) when measured pixels say the image is not worth keeping, else None."""
+    if signals.gray_std < config.min_pixel_std:
+        return "near_uniform", f"gray-level std {signals.gray_std:.1f} under {config.min_pixel_std:g}"
+    if signals.photo_score < config.min_photo_score:
+        return "graphic", f"photo score {signals.photo_score:.2f} under {config.min_photo_score:g}"
     return None
 
 
-class CheckDecodedImages(beam.DoFn):
-    """(page URL, PageImage) -> the same, or a reject with the reason (stage `decoded`)."""
+def decoded_image_problem(image: NormalizedImage, config: DecodedImageConfig) -> Problem:
+    """(reason, detail) when the decoded image is not worth keeping, else None."""
+    return signals_problem(pixel_signals(image.jpeg), config)
+
+
+class CheckDecodedImages(CheckStage):
+    """(page URL, PageImage) -> the same with its pixel signals, or a reject (stage `decoded`)."""
+
+    stage = "decoded"
 
     def __init__(self, config: DecodedImageConfig):
         self.config = config
+        self._measured: tuple[object, PixelSignals] | None = None
 
-    def setup(self):
-        self.decoded = StageCounters("decoded")
+    def problem(self, element) -> Problem:
+        # CheckStage calls `output` right after `problem` on the same element: the signals
+        # measured here are handed over, so the pixels are decoded once.
+        signals = pixel_signals(element[1].image.jpeg)
+        self._measured = (element, signals)
+        return signals_problem(signals, self.config)
 
-    def process(self, element):
+    def output(self, element):
         page_url, item = element
-        self.decoded.received()
-        problem = decoded_image_problem(item.image, self.config)
-        if problem:
-            yield self.decoded.reject(f"{page_url} {item.ref.url}", *problem)
-            return
-        self.decoded.kept()
-        yield element
+        handed_over = self._measured[1] if self._measured and self._measured[0] is element else None
+        self._measured = None
+        return page_url, replace(item, image=measured(item.image, handed_over))
+
+    def element_id(self, element) -> str:
+        page_url, item = element
+        return f"{page_url} {item.ref.url}"

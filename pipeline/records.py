@@ -1,7 +1,7 @@
 """Plain data passed between the mining stages.
 
-Stages are plain functions over these types, tested without Beam; the Beam transforms in
-`pipeline/mine.py` only move them around. Everything here pickles cheaply.
+Stages are plain functions over these types, tested without Beam; the Beam wrapper of each stage
+only moves them around. Everything here pickles cheaply.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class Page:
     crawl: str  # the crawl or WARC file the page came from
     record_id: str
     x_robots_tag: str = ""  # the X-Robots-Tag header of the page, if any
+    warc_file: str = ""  # the WARC it was read from: a local file's name, else its full URI
+    date: str = ""  # WARC-Date of its record (of the revisit record, for a revisit): when it was captured
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class ImageRecord:
     data: bytes
     content_type: str
     record_id: str
+    warc_file: str = ""  # as Page.warc_file
+    date: str = ""  # WARC-Date of its record
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,14 @@ class ImageRef:
     height: int | None
     position: int  # 0-based order among the page's kept references
     source: str  # the attribute the URL came from: src, srcset, data-src, ...
+    # What the page says about the element, for telling furniture (logos, avatars, icons) from
+    # content before anything is fetched; see pipeline/extract/regions.py.
+    candidates: tuple[str, ...] = ()  # every usable absolute URL of the element, `url` first
+    landmarks: tuple[str, ...] = ()  # enclosing page regions, nearest first: nav, footer, banner, embed, ...
+    class_tokens: tuple[str, ...] = ()  # lower-case words of the class and id of the element and its closest ancestors
+    in_main: bool = False  # inside the page's main content
+    link_host: str = ""  # host of the enclosing <a href>, "" when none
+    content_score: float | None = None  # 0 furniture .. 1 content, set by the reference filters
 
 
 @dataclass
@@ -77,6 +89,9 @@ class PageImages:
     meta_tdm_reservation: str = ""
     # references that were skipped, as (reason, detail): e.g. ("non_http_url", "data:image/png...")
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    site_name: str = ""  # <meta property="og:site_name">, "" when absent
+    # the licence the page declares, one line per declaration (pipeline/extract/licenses.py)
+    license_declared: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,3 +110,6 @@ class NormalizedImage:
     original_format: str  # JPEG, PNG, ... as Pillow names it
     sha256: str  # hex digest of the original bytes
     phash: str  # 64-bit perceptual hash (imagehash pHash) as 16 hex digits
+    # Filled by the post-decode check from a ~64 px copy (pipeline/pixels.py); None until then.
+    photo_score: float | None = None  # 0 = graphic .. 1 = photo
+    colour: str | None = None  # colour signature: near duplicates must agree on it too

@@ -1,8 +1,10 @@
 """`magiclens report DIR`: one self-contained report.html for a `mine` or `instruct` run.
 
 The report shows what a person needs before spending GPU hours on a dataset: the funnel from
-stats.json (per stage: in, out, rejected by reason), histograms of image sizes and scores (pairs) or
-instruction lengths (triplets), and a grid of sample pairs or triplets with thumbnails.
+stats.json (per stage: in, out, rejected by reason), the funnel per WARC file (`mine`'s files.json:
+which file gave what), a few examples of each reject reason (with a thumbnail where the image was
+decoded before it was dropped), histograms of image sizes and scores (pairs) or instruction lengths
+(triplets), and a grid of sample pairs or triplets with thumbnails.
 
 Everything is inline (CSS, SVG charts, thumbnails as base64 data URLs) and a Content-Security-Policy
 forbids loading anything else, so the file can be mailed or opened from a bucket. All web text (page
@@ -31,12 +33,17 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from magiclens.pipeline.accounting import read_json
+from magiclens.pipeline.output import require_committed_dataset
 
 REPORT_NAME = "report.html"
 DEFAULT_SAMPLES = 24
 THUMBNAIL_SIDE = 192
 MAX_BARS = 40
 TEXT_CAP = 300
+EXAMPLES_PER_REASON = 3
+MAX_FILES_SHOWN = 200
+# Work files (pipeline/mine/work.py) searched for the thumbnails of rejected images: bounded work.
+MAX_WORK_FILES_SEARCHED = 50
 ACCOUNTING_FIELDS = ("in", "out", "rejected", "rejected_total", "balanced")
 
 # Display order of the stages of `mine` and `instruct`; stages not listed follow in name order.
@@ -222,6 +229,82 @@ def funnel_html(stats: dict) -> str:
     )
 
 
+def files_html(files: list[dict], pairs_by_file: Counter) -> str:
+    """The funnel per WARC file: which file gave what (the first MAX_FILES_SHOWN files)."""
+    if not files:
+        return ""
+    columns = ["records", "pages", "pages kept", "references kept", "images", "after checks"]
+    rows = []
+    for row in files[:MAX_FILES_SHOWN]:
+        if not row.get("finished"):
+            rows.append(f'<tr><td>{escape(row["file"])}</td><td colspan="{len(columns) + 2}">not finished</td></tr>')
+            continue
+        top = ", ".join(f"{escape(reason)} {count:,}" for reason, count in list(row.get("rejected", {}).items())[:4])
+        cells = "".join(f'<td class="n">{row.get(column, 0):,}</td>' for column in columns)
+        pairs = pairs_by_file.get(row.get("warc_file", ""), 0)
+        rows.append(f'<tr><td>{escape(row["file"])}</td>{cells}<td class="n">{pairs:,}</td><td class="reasons">{top}</td></tr>')
+    more = f"<p>and {len(files) - MAX_FILES_SHOWN:,} more files (files.json lists them all)</p>" if len(files) > MAX_FILES_SHOWN else ""
+    header = "".join(f"<th>{escape(column)}</th>" for column in ["WARC file", *columns, "pairs", "most rejected"])
+    return f'<h2>Per WARC file</h2><table class="funnel"><tr>{header}</tr>{"".join(rows)}</table>{more}'
+
+
+def reject_examples(files: list[str], stages: dict, per_reason: int = EXAMPLES_PER_REASON) -> dict[tuple[str, str], list[dict]]:
+    """Up to `per_reason` rejects of each (stage, reason) of stats.json, read in file order; stops
+    reading as soon as every reason has its examples."""
+    wanted = {(stage, reason) for stage, entry in stages.items() for reason in entry.get("rejected", {})}
+    examples: dict[tuple[str, str], list[dict]] = {key: [] for key in wanted}
+    missing = set(wanted)
+    for batch in iter_batches(files, ["element_id", "stage", "reason", "detail"]):
+        for row in batch.to_pylist():
+            key = (row["stage"], row["reason"])
+            if key in missing:
+                examples[key].append(row)
+                if len(examples[key]) >= per_reason:
+                    missing.discard(key)
+        if not missing:
+            break
+    return {key: rows for key, rows in examples.items() if rows}
+
+
+def work_images(output_dir: str, urls: set[str]) -> dict[str, bytes]:
+    """The stored JPEG of each of `urls` found among the decoded images of the run's per-file work
+    (images rejected after decoding: duplicates, furniture seen on many pages, caps)."""
+    found: dict[str, bytes] = {}
+    if not urls:
+        return found
+    try:
+        matched = FileSystems.match([FileSystems.join(output_dir, "_work", "*", "*", "images.parquet")])[0].metadata_list
+    except Exception:  # no work folder: not a mine run, or one without per-file work
+        return found
+    for metadata in sorted(matched, key=lambda item: item.path)[:MAX_WORK_FILES_SEARCHED]:
+        with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            table = pq.read_table(io.BytesIO(handle.read()), columns=["ref", "image"])
+        for ref, image in zip(table.column("ref").to_pylist(), table.column("image").to_pylist()):
+            if ref["url"] in urls and ref["url"] not in found:
+                found[ref["url"]] = image["jpeg"]
+        if len(found) == len(urls):
+            break
+    return found
+
+
+def examples_html(examples: dict[tuple[str, str], list[dict]], images: dict[str, bytes]) -> str:
+    if not examples:
+        return ""
+    sections = []
+    for (stage, reason), rows in sorted(examples.items()):
+        items = []
+        for row in rows:
+            image_url = row["element_id"].rsplit(" ", 1)[-1]
+            jpeg = images.get(image_url)
+            if jpeg:
+                items.append(f"<li>{figure({'bytes': jpeg}, row['detail'], image_url)}</li>")
+            else:
+                shown = link(image_url) if image_url.startswith("http") else escape(image_url)
+                items.append(f'<li>{shown}<br><small>{escape(row["detail"])}</small></li>')
+        sections.append(f"<h3><code>{escape(stage)}</code> {escape(reason)}</h3><ul class=\"examples\">{''.join(items)}</ul>")
+    return "<h2>Examples of each reject reason</h2>" + "".join(sections)
+
+
 def _merged_bars(histogram: Histogram) -> tuple[list[tuple[float, int]], float]:
     """(left edge, count) bars covering the data, at most MAX_BARS of them, and the bar width."""
     low, high = min(histogram.counts), max(histogram.counts)
@@ -305,10 +388,13 @@ table.funnel{border-collapse:collapse;width:100%;background:#fff}
 .arrow{font-size:24px;color:#888}.instruction{flex:1;min-width:120px;font-style:italic}
 .page{width:100%;margin:4px 0 0;font-size:12px;word-break:break-all}
 pre{background:#fff;border:1px solid #ddd;padding:8px;overflow:auto;font-size:12px}
+ul.examples{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:12px}
+ul.examples li{max-width:300px;font-size:12px;word-break:break-all}
 """
 
 
-def report_html(run_dir: str, stats: dict, kind: str | None, histograms: list[Histogram], samples: list[dict]) -> str:
+def report_html(run_dir: str, stats: dict, kind: str | None, histograms: list[Histogram], samples: list[dict],
+                extra_sections: str = "") -> str:
     command = stats.get("command", "run")
     cards = "".join((triplet_card if kind == "triplets" else pair_card)(row) for row in samples)
     sample_section = (
@@ -325,6 +411,7 @@ def report_html(run_dir: str, stats: dict, kind: str | None, histograms: list[Hi
 reject with a reason (rejects/ holds them all).</p>
 <h2>Funnel</h2>
 {funnel_html(stats)}
+{extra_sections}
 <h2>Distributions</h2>
 <div class="charts">{"".join(histogram_svg(histogram) for histogram in histograms)}</div>
 <h2>Sample {escape(kind or "")} ({len(samples)})</h2>
@@ -344,8 +431,9 @@ def dataset_kind(run_dir: str) -> tuple[str | None, list[str]]:
     return None, []
 
 
-def write_report(run_dir: str, samples: int = DEFAULT_SAMPLES) -> str:
-    """Build RUN_DIR/report.html from RUN_DIR/stats.json and its pairs/ or triplets/; returns its path."""
+def write_report(run_dir: str, samples: int = DEFAULT_SAMPLES, shown_as: str | None = None) -> str:
+    """Build RUN_DIR/report.html from RUN_DIR/stats.json and its pairs/ or triplets/; returns its path.
+    `shown_as` names the run in the page (a run's report is built in its temporary folder)."""
     stats_path = FileSystems.join(run_dir, "stats.json")
     if not FileSystems.exists(stats_path):
         raise FileNotFoundError(f"{stats_path} not found: give the output directory of `magiclens mine` or `instruct`")
@@ -358,10 +446,27 @@ def write_report(run_dir: str, samples: int = DEFAULT_SAMPLES) -> str:
     else:
         histograms, columns = [], []
     rows = sample_rows(files, columns, samples) if files else []
+    extra = files_section(run_dir, files if kind == "pairs" else []) + examples_section(run_dir, shown_as or run_dir, stats)
     path = FileSystems.join(run_dir, REPORT_NAME)
     with FileSystems.create(path, mime_type="text/html") as handle:
-        handle.write(report_html(run_dir, stats, kind, histograms, rows).encode("utf-8"))
+        handle.write(report_html(shown_as or run_dir, stats, kind, histograms, rows, extra).encode("utf-8"))
     return path
+
+
+def files_section(run_dir: str, pair_files: list[str]) -> str:
+    files_path = FileSystems.join(run_dir, "files.json")
+    if not FileSystems.exists(files_path):
+        return ""
+    pairs_by_file: Counter = Counter()
+    for batch in iter_batches(pair_files, ["page_warc_file"]):
+        pairs_by_file.update(batch.column(0).to_pylist())
+    return files_html(read_json(files_path), pairs_by_file)
+
+
+def examples_section(run_dir: str, output_dir: str, stats: dict) -> str:
+    examples = reject_examples(parquet_files(FileSystems.join(run_dir, "rejects")), stats.get("stages", {}))
+    urls = {row["element_id"].rsplit(" ", 1)[-1] for rows in examples.values() for row in rows if " " in row["element_id"]}
+    return examples_html(examples, work_images(output_dir, urls))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -380,6 +485,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise SystemExit(f"unexpected argument(s): {' '.join(extra)}")
     if args.samples < 0:
         raise SystemExit(f"--samples must be 0 or more, got {args.samples}")
+    require_committed_dataset(args.run_dir, "report", "the command that wrote it")
     try:
         path = write_report(args.run_dir, args.samples)
     except FileNotFoundError as error:

@@ -1,6 +1,6 @@
 """What sites say about being crawled and mined: robots.txt, AI opt-out tags and TDMRep.
 
-Plain functions over text; the fetch stage (pipeline/fetch.py) downloads the files and applies the
+Plain functions over text; the fetch stage (pipeline/fetch/) downloads the files and applies the
 answers. The project's robots.txt product token is `magiclens`.
 
 - robots.txt follows RFC 9309: the groups naming our token (else the `*` groups) apply, their rules

@@ -36,7 +36,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 from PIL import Image
 
-from magiclens.pipeline.accounting import REJECTS_TAG, StageCounters
+from magiclens.pipeline.accounting import REJECTS_TAG, CheckStage, Problem
 
 SIDES = ("query", "target")
 
@@ -95,14 +95,12 @@ class ClipModel:
 
     def __init__(self, source: str):
         import torch
-        from transformers import AutoImageProcessor, CLIPModel
-
-        from magiclens.model.tokenizer import load_tokenizer
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         self.torch = torch
         self.device = _device()
         self.model = CLIPModel.from_pretrained(source).to(self.device).eval()
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)  # the scoring model's own tokenizer
         self.processor = AutoImageProcessor.from_pretrained(source)
 
     def _features(self, output):
@@ -224,42 +222,40 @@ class NsfwPairScorer(ModelHandler[dict, tuple, NsfwModel]):
         return "magiclens_nsfw"
 
 
-class _FilterByScores(beam.DoFn):
+class _FilterByScores(CheckStage):
+    stage = "scores"
+
     def __init__(self, bands: ScoreBands):
         self.bands = bands
 
-    def setup(self):
-        self.stage = StageCounters("scores")
+    def problem(self, row: dict) -> Problem:
+        return score_problem(row["scores"], self.bands)
 
-    def process(self, row: dict):
-        self.stage.received()
-        problem = score_problem(row["scores"], self.bands)
-        if problem:
-            yield self.stage.reject(row["pair_id"], *problem)
-            return
-        self.stage.kept()
-        yield row
+    def element_id(self, row: dict) -> str:
+        return row["pair_id"]
 
 
-class _FilterNsfw(beam.DoFn):
+class _FilterNsfw(CheckStage):
+    stage = "nsfw"
+
     def __init__(self, threshold: float):
         self.threshold = threshold
 
-    def setup(self):
-        self.stage = StageCounters("nsfw")
-
-    def process(self, element):
-        row, probability = element
-        self.stage.received()
+    def problem(self, element) -> Problem:
+        probability = element[1]
         if probability >= self.threshold:
-            yield self.stage.reject(row["pair_id"], "nsfw", f"probability {probability:.3f} >= {self.threshold:g}")
-            return
-        self.stage.kept()
-        yield row
+            return "nsfw", f"probability {probability:.3f} >= {self.threshold:g}"
+        return None
+
+    def element_id(self, element) -> str:
+        return element[0]["pair_id"]
+
+    def output(self, element) -> dict:
+        return element[0]
 
 
 class ScorePairs(beam.PTransform):
-    """Pair rows -> rows with CLIP `scores`, filtered by the bands (main output and REJECTS_TAG)."""
+    """Pair rows -> rows with CLIP `scores`, filtered by the bands ({"pairs", REJECTS_TAG})."""
 
     def __init__(self, clip_model: str, bands: ScoreBands, batch_size: int = 32):
         super().__init__()
@@ -267,15 +263,16 @@ class ScorePairs(beam.PTransform):
         self.bands = bands
 
     def expand(self, rows):
-        return (
+        checked = (
             rows
             | "Clip" >> RunInference(self.handler)
             | "Bands" >> beam.ParDo(_FilterByScores(self.bands)).with_outputs(REJECTS_TAG, main="pairs")
         )
+        return {"pairs": checked.pairs, REJECTS_TAG: checked[REJECTS_TAG]}
 
 
 class DropNsfwPairs(beam.PTransform):
-    """Pair rows -> the rows whose two images both score under the threshold (main and REJECTS_TAG)."""
+    """Pair rows -> the rows whose two images both score under the threshold ({"pairs", REJECTS_TAG})."""
 
     def __init__(self, nsfw_model: str, threshold: float, batch_size: int = 32):
         super().__init__()
@@ -283,11 +280,12 @@ class DropNsfwPairs(beam.PTransform):
         self.threshold = threshold
 
     def expand(self, rows):
-        return (
+        checked = (
             rows
             | "Nsfw" >> RunInference(self.handler)
             | "Threshold" >> beam.ParDo(_FilterNsfw(self.threshold)).with_outputs(REJECTS_TAG, main="pairs")
         )
+        return {"pairs": checked.pairs, REJECTS_TAG: checked[REJECTS_TAG]}
 
 
 class ModelFilters(beam.PTransform):
@@ -305,13 +303,13 @@ class ModelFilters(beam.PTransform):
         rejects = []
         if config.nsfw_model:
             screened = rows | "DropNsfw" >> DropNsfwPairs(config.nsfw_model, config.nsfw_threshold, config.score_batch_size)
-            rows = screened.pairs
+            rows = screened["pairs"]
             rejects.append(screened[REJECTS_TAG])
         if config.clip_model:
             bands = ScoreBands(config.min_text_score, config.pair_similarity)
             scored = rows | "ScorePairs" >> ScorePairs(config.clip_model, bands, config.score_batch_size)
-            rows = scored.pairs
+            rows = scored["pairs"]
             rejects.append(scored[REJECTS_TAG])
         if not rejects:
             rejects.append(rows.pipeline | "NoModelRejects" >> beam.Create([]))
-        return {"pairs": rows, "rejects": rejects | "ModelRejects" >> beam.Flatten()}
+        return {"pairs": rows, REJECTS_TAG: rejects | "ModelRejects" >> beam.Flatten()}

@@ -1,7 +1,7 @@
 """A real HTTP server on a loopback address for the fetch tests: real images plus hostile endpoints.
 
-It runs its own asyncio loop in a thread, records every request (path, and how many were in flight
-at once) and serves:
+It runs its own asyncio loop in a thread, records every request (path, User-Agent, Authorization,
+and how many were in flight at once) and serves:
 
   /robots.txt                 Disallow /private/ for magiclens (and everything for otherbot)
   /.well-known/tdmrep.json    reserves /tdm-reserved/*
@@ -86,6 +86,7 @@ class SiteServer:
         self.robots_txt = robots_txt
         self.paths: list[str] = []
         self.user_agents: set[str] = set()
+        self.authorizations: list[str] = []  # every Authorization header received
         self.in_flight = 0
         self.max_in_flight = 0
         self._flaky_seen: set[str] = set()
@@ -131,6 +132,7 @@ class SiteServer:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         self.paths.append(request.path_qs)
         self.user_agents.add(request.headers.get("User-Agent", ""))
+        self.authorizations.extend(request.headers.getall("Authorization", []))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -13,22 +13,9 @@ import torch
 from PIL import Image
 
 from magiclens.model import benchmarks
-from magiclens.model.benchmarks import (
-    BenchmarkDataError,
-    Query,
-    Task,
-    average_precision_at,
-    circo_metrics,
-    cirr_metrics,
-    evaluate_benchmark,
-    fashioniq_metrics,
-    load_benchmark,
-    load_circo,
-    load_cirr,
-    load_fashioniq,
-    rank_gallery,
-    rank_subsets,
-)
+from magiclens.model.benchmark_data import BenchmarkDataError, Query, Task, load_benchmark, load_circo, load_cirr, load_fashioniq
+from magiclens.model.benchmarks import circo_metrics, cirr_metrics, evaluate_benchmark, fashioniq_metrics
+from magiclens.model.metrics import average_precision_at, rank_gallery, rank_subsets
 from magiclens.model.checkpoint import build_model, load_checkpoint, save_checkpoint
 from magiclens.model.magiclens import MagicLens
 from magiclens.model.preprocess import PreprocessConfig, images_to_model_input
@@ -113,7 +100,7 @@ def _cirr_split(split: str, prefix: str) -> tuple[dict[str, str], list[dict]]:
         }
         if split == "val":
             entry["target_hard"] = names[target]
-            entry["target_soft"] = {names[target]: 1.0}
+            entry["target_soft"] = {names[target]: 1.0, names[2]: 0.5, names[5]: -1.0}
         captions.append(entry)
     return relative_paths, captions
 
@@ -231,10 +218,10 @@ def test_fashioniq_metrics() -> None:
 def test_ranking_leaves_out_the_reference_and_ranks_subsets() -> None:
     gallery = torch.eye(4)
     queries = torch.tensor([[0.9, 0.5, 0.1, 0.3], [0.2, 0.1, 0.8, 0.4]])
-    assert rank_gallery(queries, gallery, depth=50, excluded=[None, None]) == [[0, 1, 3, 2], [2, 3, 0, 1]]
-    assert rank_gallery(queries, gallery, depth=50, excluded=[0, 3]) == [[1, 3, 2], [2, 0, 1]]
-    assert rank_gallery(queries, gallery, depth=2, excluded=[0, None]) == [[1, 3], [2, 3]]
-    assert rank_gallery(queries, gallery, depth=2, excluded=[0, None], chunk=1) == [[1, 3], [2, 3]]
+    assert rank_gallery(queries, gallery, depth=50) == [[0, 1, 3, 2], [2, 3, 0, 1]]
+    assert rank_gallery(queries, gallery, depth=50, excluded=[(0,), (3,)]) == [[1, 3, 2], [2, 0, 1]]
+    assert rank_gallery(queries, gallery, depth=2, excluded=[(0,), ()]) == [[1, 3], [2, 3]]
+    assert rank_gallery(queries, gallery, depth=2, excluded=[(0,), ()], chunk=1) == [[1, 3], [2, 3]]
     assert rank_subsets(queries, gallery, [[2, 0, 3], [1, 0]]) == [[0, 3, 2], [0, 1]]
 
 
@@ -284,7 +271,8 @@ def test_fashioniq_loader(fashioniq_dir: Path) -> None:
     assert (dress.queries[0].target, dress.queries[0].image.name) == ("B002", "B001.png")
     shirt = load_fashioniq(fashioniq_dir, "val", "shirt")
     assert shirt.gallery_paths[0].name == "B011.jpg"
-    with pytest.raises(BenchmarkDataError, match="no public test server"):
+    # no test files in this folder: the error names the files it looked for
+    with pytest.raises(BenchmarkDataError, match=r"in no FashionIQ layout .*captions/cap.dress.test.json or .*data/captions/cap.dress.test.json"):
         load_fashioniq(fashioniq_dir, "test", "dress")
 
 
@@ -305,8 +293,8 @@ def test_missing_files_are_clear_errors(circo_dir: Path, tmp_path: Path) -> None
 
 def brute_force_scores(model: MagicLens, preprocess: PreprocessConfig, task: Task) -> torch.Tensor:
     """(queries, gallery) scores embedded image by image, outside the benchmark code."""
-    gallery = torch.cat([model.embed(images_to_model_input([p.read_bytes()], preprocess), [""]) for p in task.gallery_paths])
-    queries = torch.cat([model.embed(images_to_model_input([q.image.read_bytes()], preprocess), [q.text]) for q in task.queries])
+    gallery = torch.cat([model.embed(images_to_model_input([p.read_bytes()], preprocess, exif_transpose=False, float_resize=True), [""]) for p in task.gallery_paths])
+    queries = torch.cat([model.embed(images_to_model_input([q.image.read_bytes()], preprocess, exif_transpose=False, float_resize=True), [q.text]) for q in task.queries])
     return queries @ gallery.T
 
 
@@ -365,6 +353,16 @@ def test_cirr_val_and_test_submissions(cirr_dir: Path, tiny_checkpoint: Path, tm
         assert report[f"recall_subset@{k}"] == pytest.approx(
             sum(q.target in r[:k] for q, r in zip(task.queries, subset_rankings)) / 2
         )
+    # the soft-target variant: the best target_soft weight among the first k, at least 0
+    soft = [{"dev-3-0-img1": 1.0, "dev-2-0-img0": 0.5, "dev-5-0-img1": -1.0}, {"dev-1-0-img1": 1.0, "dev-2-0-img0": 0.5, "dev-5-0-img1": -1.0}]
+    assert [dict(q.soft_targets) for q in task.queries] == soft
+    for k in (1, 5, 10, 50):
+        expected = sum(max([0.0] + [w[i] for i in r[:k] if i in w]) for w, r in zip(soft, rankings)) / 2
+        assert report[f"soft_recall@{k}"] == pytest.approx(expected)
+    for k in (1, 2, 3):
+        expected = sum(max([0.0] + [w[i] for i in r[:k] if i in w]) for w, r in zip(soft, subset_rankings)) / 2
+        assert report[f"soft_recall_subset@{k}"] == pytest.approx(expected)
+    assert report["soft_recall@50"] == pytest.approx(1.0)
 
     evaluate_benchmark(model, preprocess, "cirr", cirr_dir, "test", tmp_path, num_workers=0)
     recall_file = json.loads((tmp_path / "cirr_test1_recall.json").read_text())
@@ -411,3 +409,113 @@ def test_an_undecodable_gallery_image_is_an_error(circo_dir: Path, tiny_checkpoi
     model, _, preprocess = load_checkpoint(tiny_checkpoint)
     with pytest.raises(BenchmarkDataError, match=r"1 circo gallery image\(s\) could not be read, e.g. .*000000000055.jpg"):
         evaluate_benchmark(model, preprocess, "circo", broken, "val", None, num_workers=0)
+
+
+# --- other layouts, submissions, ties ------------------------------------------------------------
+
+
+def copy_tree(source: Path, destination: Path, rename: dict[str, str]) -> None:
+    """Copy every file, the first matching prefix of its relative path replaced."""
+    for path in source.rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(source).as_posix()
+            for old, new in rename.items():
+                if relative.startswith(old):
+                    relative = new + relative[len(old) :]
+                    break
+            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+            (destination / relative).write_bytes(path.read_bytes())
+
+
+def test_cirr_in_the_clip4cir_and_searle_layout(cirr_dir: Path, tmp_path: Path) -> None:
+    # <root>/cirr/{captions,image_splits}, the images at <root>/dev/... and <root>/test1/...
+    root = tmp_path / "cirr_dataset"
+    copy_tree(cirr_dir, root, {"captions/": "cirr/captions/", "image_splits/": "cirr/image_splits/", "img_raw/": ""})
+    readme_layout, other = load_cirr(cirr_dir, "val"), load_cirr(root, "val")
+    assert other.gallery_paths[0] == root / "dev" / "dev-0-0-img0.png"
+    assert [(q.id, q.text, q.target, q.reference) for q in other.queries] == [(q.id, q.text, q.target, q.reference) for q in readme_layout.queries]
+    assert len(load_benchmark("cirr", root, "test")[0].queries) == 2
+    with pytest.raises(BenchmarkDataError, match=r"in no CIRR layout .*captions/cap.rc2.val.json or .*cirr/captions/cap.rc2.val.json"):
+        load_cirr(tmp_path / "empty", "val")
+
+
+@pytest.fixture(scope="module")
+def fashioniq_starter_kit(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """The official starter kit's layout (data/captions, data/image_splits,
+    data/resized_images/{category}/NAME.jpg), with a test split (no targets)."""
+    root = tmp_path_factory.mktemp("start_kit")
+    data = root / "data"
+    for c, (category, names) in enumerate(FIQ_IMAGES.items()):
+        for split in ("val", "test"):
+            captions = [
+                {"candidate": names[0], "captions": ["is longer", "has no sleeves"]},
+                {"candidate": names[2], "captions": ["is darker", "is plain"]},
+            ]
+            if split == "val":
+                captions[0]["target"], captions[1]["target"] = names[1], names[3]
+            write_json(data / "captions" / f"cap.{category}.{split}.json", captions)
+            write_json(data / "image_splits" / f"split.{category}.{split}.json", names)
+        for number, name in enumerate(names):
+            write_photo(shared_data, number + c, data / "resized_images" / category / f"{name}.jpg")
+    return root
+
+
+def test_fashioniq_test_split_writes_the_starter_kit_submission(fashioniq_starter_kit: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model, _, preprocess = load_checkpoint(tiny_checkpoint)
+    report = evaluate_benchmark(model, preprocess, "fashioniq", fashioniq_starter_kit, "test", tmp_path, num_workers=0)
+    assert report["submission_files"] == [str(tmp_path / f"{c}.test.pred.json") for c in FIQ_IMAGES]
+    for category, names in FIQ_IMAGES.items():
+        task = load_fashioniq(fashioniq_starter_kit, "test", category)
+        assert task.gallery_paths[0] == fashioniq_starter_kit / "data" / "resized_images" / category / f"{names[0]}.jpg"
+        expected = ranked_ids(brute_force_scores(model, preprocess, task), task.gallery_ids, [None] * 2)
+        submission = json.loads((tmp_path / f"{category}.test.pred.json").read_text())
+        # the caption entries as the starter kit's eval.py writes them: each with its "ranking"
+        assert submission == [
+            {"candidate": names[0], "captions": ["is longer", "has no sleeves"], "ranking": expected[0]},
+            {"candidate": names[2], "captions": ["is darker", "is plain"], "ranking": expected[1]},
+        ]
+    # the data folder itself works as --data-dir too
+    assert load_fashioniq(fashioniq_starter_kit / "data", "val", "dress").queries[0].target == "B002"
+
+
+def test_dump_rankings_of_a_validation_split(fashioniq_starter_kit: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dump = tmp_path / "rankings.json"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--benchmark", "fashioniq", "--data-dir", str(fashioniq_starter_kit), "--num-workers", "0"]
+    assert run_cli(argv + ["--dump-rankings", str(dump), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rankings_file"] == str(dump) and report["precision"] == "fp32"
+    rankings = json.loads(dump.read_text())
+    assert set(rankings) == {f"{c}/{n}" for c in FIQ_IMAGES for n in (0, 1)}
+    model, _, preprocess = load_checkpoint(tiny_checkpoint)
+    task = load_fashioniq(fashioniq_starter_kit, "val", "shirt")
+    expected = ranked_ids(brute_force_scores(model, preprocess, task), task.gallery_ids, [None] * 2)
+    assert [rankings["shirt/0"], rankings["shirt/1"]] == expected
+    assert run_cli(argv + ["--dump-rankings", str(dump), "--split", "test", "--output", str(tmp_path)]) == 2
+    assert "--dump-rankings is for --split val" in capsys.readouterr().err
+
+
+def test_tied_gallery_ranks_in_gallery_order(circo_dir: Path, shared_data: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # every gallery image is the same photo, each embedded alone (rows of one batch can differ in
+    # the last bits): all scores tie exactly, so every ranking is the gallery order
+    tied = tmp_path / "CIRCO"
+    copy_tree(circo_dir, tied, {})
+    for image_id in CIRCO_GALLERY:
+        write_photo(shared_data, 0, tied / "COCO2017_unlabeled" / "unlabeled2017" / f"{image_id:012d}.jpg")
+    model, _, preprocess = load_checkpoint(tiny_checkpoint)
+    evaluate_benchmark(model, preprocess, "circo", tied, "test", tmp_path / "out", num_workers=0, batch_size=1)
+    submission = json.loads((tmp_path / "out" / "circo_test_submission.json").read_text())
+    assert submission == {"0": CIRCO_GALLERY, "1": CIRCO_GALLERY}
+    report = evaluate_benchmark(model, preprocess, "circo", tied, "val", None, num_workers=0, batch_size=1)
+    # query 0: relevant 22 and 33 at ranks 2 and 3; query 1: relevant 55 at rank 5
+    assert report["mAP@5"] == pytest.approx(((1 / 2 + 2 / 3) / 2 + 1 / 5) / 2)
+    assert report["recall@5"] == 1.0  # targets 22 and 55 at ranks 2 and 5
+
+
+def test_bf16_precision_is_an_option(circo_dir: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--checkpoint", str(tiny_checkpoint), "--benchmark", "circo", "--data-dir", str(circo_dir), "--num-workers", "0", "--json"]
+    assert run_cli(argv) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert run_cli(argv + ["--precision", "bf16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert set(fp32) == set(bf16)

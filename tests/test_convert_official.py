@@ -29,7 +29,8 @@ from magiclens.model.magiclens import MagicLens
 from magiclens.model.preprocess import PreprocessConfig, images_to_model_input
 from magiclens.model.tokenizer import bundled_clip_tokenizer, tokenize
 
-INSTRUCTIONS = ["", "find a red mug but on a wooden table", "the inside of this building"]
+# the last one holds the BPE symbol "!" (id 0), which the released text encoder masks
+INSTRUCTIONS = ["", "find a red mug but on a wooden table", "the inside of this building!; at night"]
 PHOTOS = ["skimage/coffee.png", "skimage/astronaut.png", "matplotlib/grace_hopper.jpg"]
 
 
@@ -210,6 +211,8 @@ def clip_config(d: Dims) -> CLIPConfig:
     )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=d.embed_dim)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # --- the official forward pass, in NumPy (float64) -----------------------------------------------
 
@@ -315,16 +318,14 @@ def official_embeddings(params: dict[str, np.ndarray], images: np.ndarray, ids: 
 def model_inputs(shared_data: Path, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
     """Pixels from the released preprocessing, for torch (NCHW) and for the reference (NHWC)."""
     images = [(shared_data / "images" / "photos" / name).read_bytes() for name in PHOTOS]
-    pixels = images_to_model_input(images, PreprocessConfig(image_size=image_size))
+    pixels = images_to_model_input(images, PreprocessConfig(image_size=image_size), exif_transpose=False, float_resize=True)
     return pixels, pixels.permute(0, 2, 3, 1).numpy().astype(np.float64)
 
 
 def scenic_ids(texts: list[str]) -> np.ndarray:
-    """Token ids as Scenic's tokenizer gives them: 77 long, zeros after the end token."""
-    ids = tokenize(bundled_clip_tokenizer(), texts).numpy().copy()
-    for row in ids:
-        end = int(np.argmax(row == 49407))
-        row[end + 1 :] = 0
+    """Token ids as Scenic's tokenizer gives them (tests/test_model_fidelity.py checks that ours are)."""
+    ids = tokenize(bundled_clip_tokenizer(), texts).numpy()
+    assert ids.shape[1] == 77 and 0 in ids[-1, 1 : int(np.argmax(ids[-1] == 49407))]
     return ids
 
 

@@ -200,8 +200,10 @@ def test_mine_dataflow_job_is_built_pickled_and_staged_to_gcs(tmp_path, shared_d
         # the staged package is the sdist of setup.py, with every module the workers import
         with tarfile.open(fileobj=io.BytesIO(download(f"{staging}/workflow.tar.gz"))) as sdist:
             names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-        for module in ("setup.py", "magiclens/cli.py", "pipeline/mine.py", "pipeline/warc.py", "pipeline/extract.py",
-                       "pipeline/commoncrawl.py", "pipeline/report.py", "pipeline/schemas.py"):
+        sources = [str(path.relative_to(ROOT)) for folder in ("magiclens", "pipeline")
+                   for path in (ROOT / folder).rglob("*.py") if "__pycache__" not in path.parts]
+        assert len(sources) > 20 and "setup.py" in names
+        for module in sources:
             assert module in names, module
         assert any(name.startswith("prompts/") and name.endswith(".yaml") for name in names)
 
@@ -214,7 +216,7 @@ def test_mine_dataflow_job_is_built_pickled_and_staged_to_gcs(tmp_path, shared_d
                 if payload.do_fn.urn == "beam:dofn:pickled_python_info:v1":
                     dofns[transform.unique_name] = pickler.loads(payload.do_fn.payload)[0]
         ours = [dofn for dofn in dofns.values() if type(dofn).__module__.startswith("magiclens.pipeline.")]
-        assert len(ours) >= 4 and "magiclens.pipeline.mine" in {type(dofn).__module__ for dofn in ours}
+        assert len(ours) >= 4
         for dofn in ours:  # each resolves to the class the workers will import from the staged package
             assert getattr(importlib.import_module(type(dofn).__module__), type(dofn).__name__) is type(dofn)
         assert listing(f"{bucket}/mined/*") == []  # a template only: nothing ran

@@ -15,10 +15,9 @@ import pytest
 from PIL import Image
 
 from magiclens.pipeline.accounting import REJECTS_TAG
+from magiclens.pipeline.pair_cap import CapPairsPerCluster, ClusteredPair
 from magiclens.pipeline.dedupe import (
-    ClusteredPair,
     ClusterImages,
-    CapPairsPerCluster,
     DedupeAndPair,
     DedupeConfig,
     ImageCluster,
@@ -35,7 +34,7 @@ from magiclens.pipeline.filters import RefFilterConfig, filter_page_refs
 from magiclens.pipeline.images import ImageRejected, normalize_image
 from magiclens.pipeline.pairs import PageImage, PageInfo, PairingConfig
 from magiclens.pipeline.postdecode import CheckDecodedImages, DecodedImageConfig
-from magiclens.pipeline.records import ImageRef
+from magiclens.pipeline.records import ImageRef, PageImages
 from beam_run import run_collect
 
 
@@ -157,7 +156,7 @@ def test_cap_keeps_at_most_n_pairs_per_cluster_chosen_by_pair_id(tmp_path):
     pairs = [ClusteredPair({"pair_id": f"{n:02d}"}, "hub", f"c{n}") for n in range(6)]
     pairs.append(ClusteredPair({"pair_id": "99"}, "c1", "c2"))
     collected, stats = run_collect(
-        lambda p: (lambda capped: {"rows": capped.pairs, "rejects": capped[REJECTS_TAG]})(
+        lambda p: (lambda capped: {"rows": capped["pairs"], "rejects": capped[REJECTS_TAG]})(
             p | beam.Create(pairs) | CapPairsPerCluster(2)),
         tmp_path,
     )
@@ -261,7 +260,7 @@ def test_done_when_page_set_through_the_beam_transforms(shared_data, tmp_path):
     page_set = PageSet(shared_data)
     page_images, refs_dropped, decode_rejects, decoded = [], {}, {}, {}
     for page_url, refs in page_set.pages().items():
-        filtered = filter_page_refs(refs, "en", "", RefFilterConfig())
+        filtered = filter_page_refs(PageImages(title="", lang="en", refs=refs), page_url, RefFilterConfig())
         for item in filtered.dropped:
             refs_dropped[item.ref.url] = item.reason
         info = PageInfo(url=page_url, title="", lang=filtered.page_lang, crawl="test")
@@ -274,7 +273,7 @@ def test_done_when_page_set_through_the_beam_transforms(shared_data, tmp_path):
             if item.url in decoded:
                 page_images.append((page_url, PageImage(info, item, decoded[item.url])))
     assert refs_dropped == {f"{SITE}/static/logo.png": "furniture_url",
-                            "https://www.facebook.com/tr?id=518786884949926&ev=PageView&noscript=1": "declared_too_small"}
+                            "https://www.facebook.com/tr?id=518786884949926&ev=PageView&noscript=1": "furniture_url"}
     assert decode_rejects == {f"{SITE}/media/brand-mark.png": "too_small"}
 
     def build(pipeline):
@@ -322,5 +321,43 @@ def test_done_when_page_set_through_magiclens_mine(shared_data, tmp_path):
         assert f"{SITE}/img/sidebar.jpg" not in (row["query_url"], row["target_url"])
     assert f"{SITE}/story/{SIDEBAR_PAGES - 1}" not in {row["page_url"] for row in rows}
     assert stats["page_images"]["rejected"]["site_furniture"] == SIDEBAR_PAGES
-    assert stats["refs"]["rejected"]["furniture_url"] == 1
-    assert stats["refs"]["rejected"]["declared_too_small"] == 1
+    assert stats["refs"]["rejected"]["furniture_url"] == 2  # the logo, and the tracking pixel by its host
+
+
+def test_colour_variants_with_one_phash_are_separate_nodes_and_clusters(shared_data, tmp_path):
+    """A hue-rotated copy can hash like its original: the node carries the colour too, and the bucket
+    verification joins only nodes whose colours agree (a grayscale copy joins both, see below)."""
+    from magiclens.pipeline.pixels import measured
+
+    photo = Image.open(shared_data / "images/photos/skimage/chelsea.png").convert("RGB")
+    hue, saturation, value = photo.convert("HSV").split()
+    variants = {
+        "original": jpeg_bytes(photo),
+        "blue": jpeg_bytes(Image.merge("HSV", (hue.point(lambda h: (h + 128) % 256), saturation, value))),
+        "gray": jpeg_bytes(photo.convert("L")),
+        "recompressed": jpeg_bytes(photo, quality=60),
+    }
+    images = {name: measured(normalize_image(data)) for name, data in variants.items()}
+    keys = {name: ImageKey(f"https://shop.example/{name}", f"sha-{name}", image.phash, image.colour)
+            for name, image in images.items()}
+    assert keys["blue"].node == f"{images['blue'].phash}:{images['blue'].colour}"
+    assert hamming(int(images["original"].phash, 16), int(images["blue"].phash, 16)) <= 6
+    config = DedupeConfig(max_distance=6, rounds=2)
+    layout = band_layout(config.max_distance)
+    buckets: dict[tuple[int, int], list[str]] = {}
+    for key in keys.values():
+        for band, value in enumerate(band_values(int(key.phash, 16), layout)):
+            buckets.setdefault((band, value), []).append(key.node)
+    edges = {frozenset(edge) for (band, _), members in buckets.items()
+             for edge in near_pairs_in_bucket(members, band, layout, config.max_distance)}
+    node = {name: key.node for name, key in keys.items()}
+    assert frozenset((node["original"], node["recompressed"])) in edges
+    assert frozenset((node["original"], node["blue"])) not in edges
+    # achromatic: its colour says nothing, so the gray copy is a duplicate of both colourings
+    assert {frozenset((node["gray"], node[name])) for name in ("original", "blue", "recompressed")} <= edges
+    colour_only = [key for name, key in keys.items() if name != "gray"]
+    clusters, stats = cluster_ids(colour_only, config, tmp_path)
+    by_name = {name: clusters[f"sha-{name}"].cluster_id for name in keys if name != "gray"}
+    assert by_name["original"] == by_name["recompressed"] == min(node["original"], node["recompressed"])
+    assert by_name["blue"] == node["blue"]
+    assert stats["clusters"]["edges"] == 1

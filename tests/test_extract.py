@@ -1,4 +1,4 @@
-"""pipeline/extract.py on the 70 real pages in ../shared/data/html, real Common Crawl pages in other
+"""pipeline/extract/ on the 70 real pages in ../shared/data/html, real Common Crawl pages in other
 charsets, and hostile input (deep nesting, 20,000 images, empty and binary documents)."""
 
 from __future__ import annotations
@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-from magiclens.pipeline import extract
+from magiclens.pipeline.extract import lexbor as extract_lexbor
+from magiclens.pipeline.extract import refs as extract_refs
+from magiclens.pipeline.extract import urls as extract_urls
+from magiclens.pipeline.extract.decoding import MAX_NESTING, _may_nest_deeper, flatten_deep_nesting
+from magiclens.pipeline.extract.regions import densest_block, split_class_words
+from magiclens.pipeline.extract.urls import canonical_url_key
 from magiclens.pipeline.extract import (
+    DEFAULT_MAX_REFS,
     DUPLICATE_URL,
     EMPTY_URL,
     INVALID_URL,
@@ -49,7 +55,7 @@ def by_url(found) -> dict:
 
 def assert_same_images(expected, actual, label: str) -> None:
     """Field by field, so that a failure names the field that differs."""
-    assert (actual.title, actual.lang) == (expected.title, expected.lang), label
+    assert (actual.title, actual.lang, actual.site_name) == (expected.title, expected.lang, expected.site_name), label
     for meta in ("meta_robots", "meta_magiclens", "meta_tdm_reservation"):
         assert getattr(actual, meta) == getattr(expected, meta), (label, meta)
     assert actual.skipped == expected.skipped, label
@@ -92,7 +98,7 @@ def test_a_parser_failure_is_one_documented_error(monkeypatch):
     def broken_parser(document, **options):
         raise RuntimeError("lexbor status 7")
 
-    monkeypatch.setattr(extract, "LexborHTMLParser", broken_parser)
+    monkeypatch.setattr(extract_lexbor, "LexborHTMLParser", broken_parser)
     with pytest.raises(ExtractError, match="lexbor could not parse the page: RuntimeError: lexbor status 7"):
         extract_images(b"<img src=a.jpg>", UNKNOWN_PAGE_URL)
 
@@ -148,15 +154,15 @@ def test_fast_url_resolution_agrees_with_urljoin(shared_data: Path, page_urls: d
     come out as urljoin (with checking and escaping) makes it."""
     compared = 0
     for name in REAL_PAGES:
-        raw = extract._gather_lexbor(page_bytes(shared_data, name), extract.DEFAULT_MAX_REFS, 0)
-        resolver = extract._UrlResolver(page_urls.get(name, UNKNOWN_PAGE_URL), raw.base_href)
+        raw = extract_lexbor.gather_lexbor(page_bytes(shared_data, name), DEFAULT_MAX_REFS, 0)
+        resolver = extract_urls.UrlResolver(page_urls.get(name, UNKNOWN_PAGE_URL), raw.base_href)
         for attrs, sources in raw.images:
-            urls = [attrs[key] for key in ("src", *extract.LAZY_SRC_ATTRIBUTES) if attrs.get(key)]
+            urls = [attrs[key] for key in ("src", *extract_urls.LAZY_SRC_ATTRIBUTES) if attrs.get(key)]
             for candidates in [attrs, *sources]:
-                for key in extract.SRCSET_ATTRIBUTES:
-                    urls += [url for url, _, _ in extract._srcset_candidates(candidates.get(key) or "", key)]
+                for key in extract_urls.SRCSET_ATTRIBUTES:
+                    urls += [url for url, _, _ in extract_urls.srcset_candidates(candidates.get(key) or "", key)]
             for url in urls:
-                assert resolver.resolve(url) == extract._absolute_url(url, resolver.base), (name, url)
+                assert resolver.resolve(url) == extract_urls.absolute_url(url, resolver.base), (name, url)
                 compared += 1
     assert compared > 5000
 
@@ -298,8 +304,10 @@ def test_declared_sizes_title_and_language(parser: str):
 
 def test_image_refs_are_built_as_the_constructor_builds_them():
     # extraction builds ImageRefs without the frozen dataclass's __init__, five times slower
-    values = ("https://example.org/a.jpg", "alt", "title", "context", 640, None, 3, "srcset")
-    fast, slow = extract._image_ref(*values), ImageRef(*values)
+    values = ("https://example.org/a.jpg", "alt", "title", "context", 640, None, 3, "srcset",
+              ("https://example.org/a.jpg", "https://example.org/a-small.jpg"), ("nav",), ("site", "logo"), False,
+              "example.org")
+    fast, slow = extract_refs.image_ref(*values), ImageRef(*values)
     assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
     assert vars(fast) == vars(slow) and list(vars(fast)) == [field.name for field in dataclasses.fields(ImageRef)]
     assert pickle.loads(pickle.dumps(fast)) == slow
@@ -476,6 +484,16 @@ def test_unclosed_nesting_among_closed_tags(parser: str):
     assert [reason for reason, _ in found.skipped] == [NESTING_TOO_DEEP]
 
 
+def test_void_elements_do_not_count_as_nesting():
+    # a real page with 1,729 <br>s among 25,000 tags once made every extraction scan it tag by tag
+    shallow = b"<body><p>" + b"line<br>more<BR/>an <img src=a.jpg> and <Input type=text></br>" * 3000 + b"</p>"
+    assert not _may_nest_deeper(shallow, MAX_NESTING)
+    assert _may_nest_deeper(b"<body>" + b"<brx>" * 5000, MAX_NESTING)  # not void: nests
+    deep = b"<body>" + b"<div><br><img src=a.jpg>" * 1100 + b"</div>" * 1100
+    assert _may_nest_deeper(deep, MAX_NESTING)
+    assert flatten_deep_nesting(deep, MAX_NESTING)[1] == 1 + 1100 - MAX_NESTING  # <body> is one level
+
+
 @pytest.mark.parametrize("parser", ["lexbor", "bs4"])
 def test_20000_images_are_capped(parser: str):
     html = "<body>" + "".join(f'<img src="/i/{i}.jpg" alt="image {i}">' for i in range(20_000))
@@ -502,3 +520,193 @@ def test_empty_and_binary_documents(shared_data: Path, parser: str):
     for path in ("images/photos/matplotlib/grace_hopper.jpg", "images/edgecases/pillow_hopper.png", "html/readability/bbc-1.html.gz"):
         found = extract_images((shared_data / path).read_bytes(), UNKNOWN_PAGE_URL, parser=parser)
         assert all(ref.url.startswith("https://example.org/") for ref in found.refs)
+
+
+# ---- what the page says about each image: furniture or content ----------------------------
+
+
+def refs_ending(found, *endings: str) -> dict:
+    """URL ending -> the one reference whose URL ends with it."""
+    refs = {}
+    for ending in endings:
+        matching = [ref for ref in found.refs if ref.url.endswith(ending)]
+        assert len(matching) == 1, (ending, [ref.url for ref in matching])
+        refs[ending] = matching[0]
+    return refs
+
+
+@pytest.mark.parametrize("parser", ["lexbor", "bs4"])
+def test_header_icons_logo_and_article_photo_on_a_real_page(shared_data: Path, page_urls: dict, parser: str):
+    # remember8090.it (WordPress): social icons and the logo in <header role=banner>, photos in <article>
+    name = "article-extraction-benchmark/20b2b64916b00b25203c9f1bf14248922f4d522f18328e9f876cce116df0083e.html.gz"
+    found = extract_images(page_bytes(shared_data, name), page_urls[name], parser=parser)
+    assert found.site_name == "Remember 80/90 - Memorabilia anni 80/90"  # <meta property="og:site_name">
+    refs = refs_ending(found, "/images/youtube.png", "/images/logo.png", "/uploads/2017/11/1.jpg")
+    youtube = refs["/images/youtube.png"]
+    assert (youtube.landmarks, youtube.in_main, youtube.link_host) == (("header", "banner"), False, "www.youtube.com")
+    assert {"social", "icon", "header"} <= set(youtube.class_tokens)
+    logo = refs["/images/logo.png"]
+    assert (logo.landmarks, logo.in_main, logo.link_host) == (("header", "banner"), False, "www.remember8090.it")
+    assert logo.class_tokens[:2] == ("logo", "img")  # the <img>'s own class comes first
+    photo = refs["/uploads/2017/11/1.jpg"]
+    assert (photo.landmarks, photo.in_main, photo.source) == ((), True, "srcset")
+    # srcset "1-300x300.jpg 300w, 1-150x150.jpg 150w, 1.jpg 500w", src 1-300x300.jpg: largest first, each once
+    assert photo.candidates == tuple(
+        f"http://www.remember8090.it/wp-content/uploads/2017/11/{file}" for file in ("1.jpg", "1-300x300.jpg", "1-150x150.jpg")
+    )
+
+
+@pytest.mark.parametrize("parser", ["lexbor", "bs4"])
+def test_author_avatar_and_comment_avatars_on_a_real_page(shared_data: Path, parser: str):
+    # bigbrandsystem.com: an author box avatar, comment avatars in each comment's <footer>
+    name = "article-extraction-benchmark/c582d3b772578e8feaa3cfd8f5ae8100bb6f0bc66048204a9a398395841c1164.html.gz"
+    found = extract_images(page_bytes(shared_data, name), "https://www.bigbrandsystem.com/business-focus/", parser=parser)
+    assert found.site_name == "BIG Brand System"
+    refs = refs_ending(found, "/avatar/590e30e504482430b47bb7c71cbe063c?s=300&d=mm&r=g", "/2017/12/bbs-logo.png",
+                       "/avatar/31de74cb9267f44e879c2e3d9a0b21d8?s=100&d=mm&r=g")
+    author = refs["/avatar/590e30e504482430b47bb7c71cbe063c?s=300&d=mm&r=g"]
+    assert {"author", "box", "avatar"} <= set(author.class_tokens) and author.link_host == ""
+    logo = refs["/2017/12/bbs-logo.png"]
+    assert {"bbs", "logo"} <= set(logo.class_tokens) and logo.link_host == "www.bigbrandsystem.com"
+    assert logo.candidates == ("https://www.bigbrandsystem.com/wp-content/uploads/2017/12/bbs-logo.png",
+                               "https://www.bigbrandsystem.com/wp-content/uploads/2017/12/bbs-logo-small.png")
+    comment = refs["/avatar/31de74cb9267f44e879c2e3d9a0b21d8?s=100&d=mm&r=g"]
+    assert comment.landmarks == ("footer",) and comment.class_tokens[:3] == ("avatar", "photo", "comment")
+
+
+@pytest.mark.parametrize("parser", ["lexbor", "bs4"])
+def test_densest_text_block_is_main_on_a_page_without_article_or_main(shared_data: Path, page_urls: dict, parser: str):
+    # inexhibit.com has no <article>, <main> or role=main: the block of the article's paragraphs is main
+    name = "article-extraction-benchmark/33fe2471fd553c6570f93997f208b4f39bf30be5947c3cfa620ee8eff3355ab9.html.gz"
+    html = page_bytes(shared_data, name)
+    assert b"<article" not in html and b"<main" not in html
+    found = extract_images(html, page_urls[name], parser=parser)
+    assert found.site_name == "Inexhibit"
+    refs = refs_ending(found, "/img/inexhibit_logo_2018.jpg", "Light-a-Wish_OGE-Group.jpg", "/2015/10/facebook-inexhibit.png",
+                       "Nokia-Morph-flexible-smartphone-concept-300x150.jpg")
+    logo = refs["/img/inexhibit_logo_2018.jpg"]
+    assert (logo.landmarks, logo.in_main, logo.link_host) == (("header",), False, "www.inexhibit.com")
+    assert "logo" in logo.class_tokens
+    photo = refs["Light-a-Wish_OGE-Group.jpg"]
+    assert (photo.landmarks, photo.in_main) == ((), True) and len(photo.candidates) == 5
+    follow = refs["/2015/10/facebook-inexhibit.png"]
+    assert (follow.landmarks, follow.in_main, follow.link_host) == (("aside", "complementary"), False, "www.facebook.com")
+    teaser = refs["Nokia-Morph-flexible-smartphone-concept-300x150.jpg"]
+    assert (teaser.landmarks, teaser.in_main) == (("aside", "complementary"), False)
+    assert sum(ref.in_main for ref in found.refs) == 4
+
+
+def test_wikipedia_page_from_a_common_crawl_warc(shared_data: Path):
+    with open(shared_data / "warc/commoncrawl/cc-whirlwind_whirlwind.warc.gz", "rb") as stream:
+        pages = [(record.headers.get("WARC-Target-URI"), record.reader.read())
+                 for record in ArchiveIterator(stream, record_types=WarcRecordType.response)]
+    assert len(pages) == 1
+    url, html = pages[0]
+    lexbor, bs4 = extract_images(html, url), extract_images(html, url, parser="bs4")
+    assert_same_images(lexbor, bs4, url)
+    refs = refs_ending(lexbor, "/static/images/icons/wikipedia.png", "_Escopete_%28Guadalajara%29.jpg",
+                       "/static/images/footer/wikimedia-button-2x.png")
+    logo = refs["/static/images/icons/wikipedia.png"]
+    assert (logo.landmarks, logo.in_main, logo.class_tokens[:3]) == (("header",), False, ("mw", "logo", "icon"))
+    photo = refs["_Escopete_%28Guadalajara%29.jpg"]  # in <main id="content">
+    assert (photo.landmarks, photo.in_main, photo.link_host) == ((), True, "an.wikipedia.org")
+    button = refs["/static/images/footer/wikimedia-button-2x.png"]
+    assert (button.landmarks, button.in_main, button.link_host) == (("footer", "contentinfo"), False, "wikimediafoundation.org")
+    assert all(ref.candidates[0] == ref.url for ref in lexbor.refs)
+
+
+@pytest.mark.parametrize("parser", ["lexbor", "bs4"])
+def test_page_region_rules(parser: str):
+    html = """<html><head><meta name="og:site_name" content=" Example  News "></head><body>
+    <div id="TopBar"><a href="https://Social.Example.NET:8443/share"><img class="shareIcon" src="s.png"></a></div>
+    <div role="search banner"><form><img src="f.png"></form></div>
+    <div class="a"><div class="b"><div class="c"><div class="d"><div class="e"><img src="deep.png"></div></div></div></div></div>
+    <div role="main"><p>text</p>
+      <blockquote class="twitter-tweet"><a href="javascript:void(0)"><img src="t.jpg"></a></blockquote>
+      <a href="/local/page"><picture><source srcset="p.webp 800w, p2.webp 1600w"><img src="p.jpg" data-src="p.jpg"
+         srcset="p.jpg 1000w"></picture></a>
+      <a href><img src="e.png"></a>
+    </div>
+    <aside class="sidebar"><nav><img src="n.png"></nav></aside></body></html>"""
+    found = extract_images(html, "https://example.org/dir/page.html", parser=parser)
+    assert found.site_name == "Example News"
+    refs = refs_ending(found, "/s.png", "/f.png", "/deep.png", "/t.jpg", "/p2.webp", "/e.png", "/n.png")
+    share = refs["/s.png"]
+    assert (share.class_tokens, share.link_host, share.landmarks, share.in_main) == (
+        ("share", "icon", "top", "bar"), "social.example.net", (), False)
+    assert refs["/f.png"].landmarks == ("form", "search", "banner")
+    assert refs["/deep.png"].class_tokens == ("e", "d", "c", "b")  # the <img> and 4 ancestors
+    tweet = refs["/t.jpg"]
+    assert (tweet.landmarks, tweet.class_tokens[:2], tweet.in_main, tweet.link_host) == (
+        ("embed",), ("twitter", "tweet"), True, "")
+    picture = refs["/p2.webp"]
+    assert picture.link_host == "example.org" and picture.source == "source srcset"
+    assert [url.rsplit("/", 1)[1] for url in picture.candidates] == ["p2.webp", "p.jpg", "p.webp"]
+    assert refs["/e.png"].link_host == ""  # <a href> without a value
+    assert refs["/n.png"].landmarks == ("nav", "aside") and refs["/n.png"].class_tokens == ("sidebar",)
+
+
+@pytest.mark.parametrize("parser", ["lexbor", "bs4"])
+def test_without_main_elements_the_densest_paragraph_block_is_main(parser: str):
+    article = "<p>" + "word " * 30 + "</p>"
+    html = f"""<body><div id="teasers"><p>short</p><img src="teaser.jpg"></div>
+    <div id="story">{article * 3}<img src="photo.jpg"><span><img src="inner.jpg"></span></div>
+    <div id="other">{article}<img src="other.jpg"></div></body>"""
+    refs = {ref.url.rsplit("/", 1)[1]: ref.in_main for ref in extract_images(html, UNKNOWN_PAGE_URL, parser=parser).refs}
+    assert refs == {"teaser.jpg": False, "photo.jpg": True, "inner.jpg": True, "other.jpg": False}
+    # too little text anywhere: nothing is main
+    refs = extract_images("<div><p>hello</p><img src=a.jpg><img src=b.jpg></div>", UNKNOWN_PAGE_URL, parser=parser).refs
+    assert [ref.in_main for ref in refs] == [False, False]
+
+
+@pytest.mark.parametrize("parser", ["lexbor", "bs4"])
+def test_rel_and_role_tokens_split_on_ascii_whitespace_in_any_case(parser: str):
+    html = """<head><link rel="LICENSE" href="/a"><link rel="licenses" href="/no"></head><body>
+    <a rel="nofollow\tLicense" href="/b">b</a><a rel="license\u00a0x" href="/no">n</a><a rel="license">none</a>
+    <div role="region MAIN"><img src="m.jpg"></div><div role="main\u00a0x"><img src="n.jpg"></div></body>"""
+    found = extract_images(html, UNKNOWN_PAGE_URL, parser=parser)
+    assert found.license_declared == ("rel=license https://example.org/a", "rel=license https://example.org/b")
+    assert [(ref.url.rsplit("/", 1)[1], ref.in_main) for ref in found.refs] == [("m.jpg", True), ("n.jpg", False)]
+
+
+def test_class_words_and_densest_block():
+    assert split_class_words("LOCLogoSmall") == ("loc", "logo", "small")
+    assert split_class_words("wp-image-1234 size_full  avatar-96 photoURL2x") == (
+        "wp", "image", "size", "full", "avatar", "photo", "url", "x")
+    assert split_class_words("") == () and split_class_words("--") == ()
+    assert densest_block([("a", "x" * 150), ("b", "y" * 199), ("a", " x" * 60)]) == "a"  # 210 characters, spaces aside
+    assert densest_block([("a", "x" * 100)]) is None
+    assert densest_block([("a", "x" * 300), ("b", "y" * 300)]) == "a"  # the first of equals
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    ("http://Example.COM:80/a%2cb.jpg#frag", "https://example.com/a,b.jpg"),
+    ("https://example.com:443", "http://example.com/"),
+    ("http://example.com/%7euser/%41.jpg", "http://example.com/~user/A.jpg"),
+    ("http://example.com/caf%c3%a9%20b.jpg", "http://example.com/café b.jpg"),
+    ("http://example.com/a.jpg?w=300%2C200&x=%7E", "http://example.com/a.jpg?w=300,200&x=~"),
+    ("http://user:secret@example.com/a.jpg", "http://example.com/a.jpg"),
+    ("http://bücher.de/a.jpg", "http://xn--bcher-kva.de/a.jpg"),
+    ("http://example.com/100%", "http://example.com/100%25"),
+])
+def test_canonical_url_key_matches_spellings_of_one_url(one: str, other: str):
+    assert canonical_url_key(one) == canonical_url_key(other)
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    ("http://example.com/a%2Fb.jpg", "http://example.com/a/b.jpg"),  # an encoded "/" is not a path separator
+    ("http://example.com/a.jpg?q=1%26b=2", "http://example.com/a.jpg?q=1&b=2"),  # nor "&" in a query
+    ("http://example.com/a.jpg?q=a%2Bb", "http://example.com/a.jpg?q=a+b"),
+    ("http://example.com:8080/a.jpg", "http://example.com/a.jpg"),
+    ("http://example.com/A.jpg", "http://example.com/a.jpg"),
+])
+def test_canonical_url_key_keeps_different_urls_apart(one: str, other: str):
+    assert canonical_url_key(one) != canonical_url_key(other)
+
+
+def test_canonical_url_key_form_and_errors():
+    assert canonical_url_key("HTTPS://Example.org:8443/a%2cb%3f.jpg?x=%2f#top") == "example.org:8443/a,b%3F.jpg?x=/"
+    assert canonical_url_key("http://[::1]:80/a") == "[::1]/a"
+    for bad in ("ftp://example.org/a.jpg", "/relative/a.jpg", "http:///a.jpg", "http://example.org:99999/"):
+        with pytest.raises(ValueError):
+            canonical_url_key(bad)

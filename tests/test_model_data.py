@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -14,11 +17,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from magiclens.model.data import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
     DatasetError,
     DataPosition,
     TripletBatches,
     consumer_row_groups,
     consumer_rows,
+    decode_row,
     plan_row_groups,
     write_triplets,
 )
@@ -186,6 +192,51 @@ def test_unusable_rows_are_skipped_and_counted_by_reason(tmp_path, shared_data, 
     }
 
 
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR declaring width x height, then a few bytes of pixel data."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_over_large_images_are_skipped_before_decoding_and_counted(tmp_path, photos, tokenizer):
+    # 9000x9000 (81 M pixels, under Pillow's own limit) declared by a 100-byte file: were it
+    # decoded, it would be undecodable (no pixel data), so "too large" shows the header decided
+    many_pixels = _png_header_claiming(9000, 9000)
+    # a real photo padded past the byte cap (a 108 MB PNG took training to 4 GB)
+    many_bytes = photos[0] + bytes(MAX_IMAGE_BYTES)
+    rows = _triplets(photos, 2, prefix="good") + [
+        {"triplet_id": "p", "query_image": many_pixels, "instruction": "x", "target_image": photos[0]},
+        {"triplet_id": "b", "query_image": photos[0], "instruction": "x", "target_image": many_bytes},
+        {"triplet_id": "h", "query_image": photos[1], "instruction": "x", "target_image": _png_header_claiming(20_000, 20_000)},
+    ]
+    write_triplets(str(tmp_path / "large.parquet"), rows)
+    dataset = TripletBatches(plan_row_groups(str(tmp_path / "large.parquet")), tokenizer, 32, 10, num_workers=0,
+                             shuffle=False, repeat=False)
+    position = DataPosition()
+    ids = []
+    for batch in dataset:
+        position.advance(batch)
+        ids += batch["triplet_id"]
+    assert ids == ["good0", "good1"]
+    assert position.rejects() == {"query_image_too_large": 1, "target_image_too_large": 2}
+    assert MAX_IMAGE_PIXELS < 81_000_000
+
+
+def test_the_size_limits_of_a_row_can_be_changed(photos):
+    image = {"bytes": photos[0], "path": None}
+    row = {"triplet_id": "t", "query_image": image, "instruction": "x", "target_image": image}
+    assert not isinstance(decode_row(row, 32), str)
+    assert decode_row(row, 32, max_image_bytes=len(photos[0]) - 1) == "query_image_too_large"
+    with Image.open(io.BytesIO(photos[0])) as photo:
+        pixel_count = photo.width * photo.height
+    assert not isinstance(decode_row(row, 32, max_image_pixels=pixel_count), str)
+    assert decode_row(row, 32, max_image_pixels=pixel_count - 1) == "query_image_too_large"
+
+
 def test_a_dataset_where_nothing_decodes_is_an_error_not_a_hang(tmp_path, shared_data, tokenizer):
     corrupt = (shared_data / "images/edgecases/imagededup_ukbench09268_corrupt.jpg").read_bytes()
     rows = [{"triplet_id": str(i), "query_image": corrupt, "instruction": "x", "target_image": corrupt} for i in range(3)]
@@ -201,12 +252,12 @@ def test_inputs_that_are_not_triplet_datasets_get_clear_errors(tmp_path, photos,
     pq.write_table(pa.table({"triplet_id": ["a"], "instruction": ["b"]}), tmp_path / "cols.parquet")
     with pytest.raises(DatasetError, match="query_image, target_image"):
         plan_row_groups(str(tmp_path / "cols.parquet"))
-    pq.write_table(
-        pa.table({"triplet_id": ["a"], "query_image": [photos[0]], "instruction": ["b"], "target_image": [photos[0]]}),
-        tmp_path / "binary.parquet",
+    pq.write_table(  # images as file names, not bytes (plain binary columns are read: tests/test_schemas.py)
+        pa.table({"triplet_id": ["a"], "query_image": ["a.jpg"], "instruction": ["b"], "target_image": ["b.jpg"]}),
+        tmp_path / "names.parquet",
     )
     with pytest.raises(DatasetError, match="struct<bytes"):
-        plan_row_groups(str(tmp_path / "binary.parquet"))
+        plan_row_groups(str(tmp_path / "names.parquet"))
     with pytest.raises(DatasetError, match="not a readable Parquet file"):
         plan_row_groups(str(shared_data / "images/photos/skimage/coffee.png"))
 

@@ -105,6 +105,31 @@ def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(triplet_
     assert any(not torch.equal(final[k], middle[k]) for k in final)  # steps 4-6 did change them
 
 
+def checkpoint_names(output: Path) -> list[str]:
+    return sorted(path.name for path in (output / "checkpoints").iterdir())
+
+
+def test_only_the_newest_checkpoints_are_kept_and_a_rotated_run_still_resumes(triplet_file, tmp_path):
+    common = ["--data", triplet_file, "--steps", "6", "--batch-size", "4", "--save-every", "2", "--num-workers", "0",
+              "--lr", "1e-3"]  # fmt: skip
+    uninterrupted = tmp_path / "uninterrupted"
+    assert _train(*common, "--keep-checkpoints", "2", "--output", str(uninterrupted)) == 0
+    assert checkpoint_names(uninterrupted) == ["step-00000004", "step-00000006"]  # step 2 was rotated out
+    assert json.loads((uninterrupted / "latest.json").read_text()) == {"checkpoint": "checkpoints/step-00000006"}
+
+    # a run that stopped after step 4 with its newest checkpoint, resumed keeping only 1 checkpoint
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copytree(uninterrupted / "checkpoints/step-00000004", interrupted / "checkpoints/step-00000004")
+    (interrupted / "latest.json").write_text(json.dumps({"checkpoint": "checkpoints/step-00000004"}))
+    assert _train(*common, "--keep-checkpoints", "1", "--output", str(interrupted), "--resume") == 0
+    assert checkpoint_names(interrupted) == ["step-00000006"]
+    assert json.loads((interrupted / "latest.json").read_text()) == {"checkpoint": "checkpoints/step-00000006"}
+    final = load_file(uninterrupted / "checkpoints/step-00000006/model.safetensors")
+    resumed = load_file(interrupted / "checkpoints/step-00000006/model.safetensors")
+    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
+
+
 def test_frozen_backbone_fixed_temperature_and_accumulation(triplet_file, tmp_path):
     output = tmp_path / "run"
     args = ["--data", triplet_file, "--steps", "2", "--batch-size", "3", "--grad-accum", "2", "--num-workers", "0",

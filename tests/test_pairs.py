@@ -79,3 +79,33 @@ def test_targets_carry_the_more_informative_text_and_pairs_spread_over_the_image
     for query, target in pairs:
         assert text_informativeness(target.ref) >= text_informativeness(query.ref)
     assert choose_pairs(list(reversed(items)), PairingConfig(pairs_per_page=2)) == pairs
+
+
+def test_a_colour_variant_is_kept_while_an_edit_is_dropped_and_rows_carry_the_pixel_signals(shared_data, tmp_path):
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from magiclens.pipeline.schemas import PAIRS, PAIRS_SCHEMA_VERSION
+
+    photo = Image.open(shared_data / "images/photos/skimage/coffee.png").convert("RGB")
+    hsv = photo.convert("HSV").split()
+    recoloured = Image.merge("HSV", (hsv[0].point(lambda h: (h + 85) % 256), hsv[1], hsv[2])).convert("RGB")
+    files = {"coffee.jpg": photo, "coffee-blue.jpg": recoloured, "coffee-soft.jpg": photo.resize((300, 200))}
+    items = []
+    for position, (name, image) in enumerate(files.items()):
+        encoded = io.BytesIO()
+        image.save(encoded, "JPEG", quality=85)
+        (tmp_path / name).write_bytes(encoded.getvalue())
+        items.append(page_image(tmp_path / name, position))
+    assert (int(items[0].image.phash, 16) ^ int(items[1].image.phash, 16)).bit_count() <= 8
+    kept, dropped = drop_duplicates(items, max_distance=8)
+    assert [item.ref.position for item in kept] == [0, 1]  # the 120-degree hue rotation is a variant
+    assert [(item.ref.position, reason) for item, reason, _ in dropped] == [(2, "near_duplicate")]
+    row = pair_row(kept[0], kept[1])
+    assert row["query_photo_score"] == 1.0 and row["query_colour"].startswith("h")
+    assert row["query_colour"] != row["target_colour"]
+    table = pa.Table.from_pylist([row], schema=PAIRS)
+    assert table.schema.metadata[b"magiclens.schema_version"] == PAIRS_SCHEMA_VERSION.encode()
+    assert table.column("target_photo_score").type == pa.float32()

@@ -4,7 +4,8 @@ Beam's local job service (the same Job API a Flink job server serves) receives t
 PortableRunner, and runs its Python stages in an EXTERNAL environment: a worker pool process, which
 is what runs beside each Flink task manager. The job is submitted with the options
 `dataflow/launch.py flink --job-endpoint ... --environment-type EXTERNAL` builds, and must give the
-same pairs as the in-process runner.
+same pairs as the in-process runner. Each test runs inside a private network namespace (only
+loopback: tests/gcs_emulator.py), so neither service can reach anything but this machine.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from gcs_emulator import rerun_in_private_network
 from magiclens.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +98,10 @@ def pair_ids(folder: Path) -> list[str]:
     return sorted(pq.read_table(folder / "pairs", columns=["pair_id"]).column(0).to_pylist())
 
 
-def test_mine_runs_through_the_portable_runner_with_an_external_worker_pool(portable_run):
+def test_mine_runs_through_the_portable_runner_with_an_external_worker_pool(request):
+    if rerun_in_private_network(__file__, "test_mine_runs_through_the_portable_runner_with_an_external_worker_pool"):
+        return
+    portable_run = request.getfixturevalue("portable_run")
     stats = json.loads((portable_run / "out" / "stats.json").read_text())
     for name, entry in stats["stages"].items():
         assert entry.get("balanced", True), name
@@ -109,7 +114,10 @@ def test_mine_runs_through_the_portable_runner_with_an_external_worker_pool(port
 
 
 @pytest.mark.slow
-def test_portable_runner_gives_the_same_result_as_the_in_process_runner(portable_run, shared_data, tmp_path):
+def test_portable_runner_gives_the_same_result_as_the_in_process_runner(request, shared_data, tmp_path):
+    if rerun_in_private_network(__file__, "test_portable_runner_gives_the_same_result_as_the_in_process_runner"):
+        return
+    portable_run = request.getfixturevalue("portable_run")
     assert main(["mine", "--input", str(shared_data / "warc/webarchive/ukwa_*.warc.gz"), *INPUTS,
                  "--output", str(tmp_path)]) == 0
     portable = json.loads((portable_run / "out" / "stats.json").read_text())

@@ -174,7 +174,34 @@ def test_report_of_a_mine_run_shows_funnel_histograms_and_pairs_in_chromium(mine
         assert reason in text
     samples = min(pairs, 24)
     assert text.count('class="card"') == samples
-    assert_thumbnails_render(report, tmp_path, expected=2 * samples)
+    example_thumbnails = text.count("<li><figure>")
+    assert example_thumbnails >= 1  # images dropped after decoding show what was dropped
+    assert_thumbnails_render(report, tmp_path, expected=2 * samples + example_thumbnails)
+
+
+def test_report_shows_the_funnel_per_warc_file_and_examples_of_each_reject_reason(mined):
+    assert main(["report", str(mined)]) == 0
+    text = (mined / "report.html").read_text()
+    files = json.loads((mined / "files.json").read_text())
+    assert {Path(row["file"]).name for row in files} == {"aut_example.warc.gz", "ukwa_sopa-wikipedia-homepage.warc.gz",
+        "ukwa_wikipedia-post-blackout-main-page.warc.gz", "ukwa_wikipedia-post-blackout.warc.gz",
+        "ukwa_IAH-20080430204825-00000-blackbook-truncated.warc.gz"}
+    stats = json.loads((mined / "stats.json").read_text())["stages"]
+    assert sum(row["records"] for row in files) == stats["records"]["in"]
+    assert sum(row["pages"] for row in files) == stats["pages"]["in"]
+    table = text.split("<h2>Per WARC file</h2>", 1)[1].split("</table>", 1)[0]
+    for row in files:
+        assert f"<td>{row['file']}</td><td class=\"n\">{row['records']:,}</td>" in table
+    pairs = pq.read_table(parquet_files(str(mined / "pairs")), columns=["page_warc_file"]).column(0).to_pylist()
+    shown = sum(int(cells.split('<td class="n">')[7].split("<")[0].replace(",", "")) for cells in table.split("<tr>")[2:])
+    assert shown == len(pairs)  # the pairs column adds up to the pairs written
+    examples = text.split("<h2>Examples of each reject reason</h2>", 1)[1]
+    for stage, entry in stats.items():
+        for reason in entry.get("rejected", {}):
+            heading = f"<h3><code>{stage}</code> {reason}</h3>"
+            assert heading in examples, heading
+            listed = examples.split(heading, 1)[1].split("</ul>", 1)[0]
+            assert 1 <= listed.count("<li>") <= 3
 
 
 def test_report_of_an_instruct_run_shows_triplets_with_instructions(instructed, tmp_path):

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from beam_run import run_collect  # noqa: E402
 from magiclens.pipeline.accounting import REJECTS_TAG  # noqa: E402
-from magiclens.pipeline.filters import FilterConfig  # noqa: E402
+from magiclens.pipeline.mine import FilterConfig  # noqa: E402
 from magiclens.pipeline.images import normalize_image  # noqa: E402
 from magiclens.pipeline.pairs import PageImage, PageInfo, PairingConfig, choose_pairs, pair_row  # noqa: E402
 from magiclens.pipeline.records import ImageRef  # noqa: E402
@@ -98,6 +98,50 @@ def test_clip_scores_are_cosines_null_without_text_and_independent_of_the_batch(
     assert model.score_pairs([same])[0]["pair_similarity"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_clip_scores_match_transformers_clip_features_computed_directly(tiny_clip, pair_rows):
+    """The same tiny model, images and texts through CLIPModel.get_image_features / get_text_features by
+    hand: the scores must be the cosines of those features."""
+    import io
+
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip)
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip)
+
+    def projected(output) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output  # transformers 4 | 5
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a @ b) / (a.norm() * b.norm()))
+
+    expected = []
+    with torch.no_grad():
+        for row in pair_rows:
+            images = [Image.open(io.BytesIO(row[f"{side}_image"]["bytes"])).convert("RGB") for side in ("query", "target")]
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            query, target = projected(model.get_image_features(pixel_values=pixels))
+            scores = {"pair_similarity": cosine(query, target)}
+            for side, image_features in (("query", query), ("target", target)):
+                text = row[f"{side}_alt"] or row[f"{side}_context"]
+                if not text:
+                    scores[f"{side}_text"] = None
+                    continue
+                tokens = tokenizer([text], return_tensors="pt")
+                text_features = projected(model.get_text_features(**tokens))[0]
+                scores[f"{side}_text"] = cosine(image_features, text_features)
+            expected.append(scores)
+    measured = ClipModel(tiny_clip).score_pairs(pair_rows)
+    assert any(score["query_text"] is not None for score in expected)
+    for ours, direct in zip(measured, expected):
+        assert ours.keys() == direct.keys()
+        for name, value in direct.items():
+            assert (ours[name] is None) == (value is None), name
+            if value is not None:
+                assert ours[name] == pytest.approx(value, abs=1e-5), name
+
+
 def test_bands_decide_which_pairs_are_dropped_and_why():
     bands = ScoreBands(min_text_score=0.2, pair_similarity=(0.5, 0.9))
     assert score_problem({"query_text": None, "target_text": 0.25, "pair_similarity": 0.7}, bands) is None
@@ -154,7 +198,7 @@ def test_nsfw_hook_drops_pairs_with_an_image_at_or_over_the_threshold(tiny_nsfw,
     }
     threshold = midpoint_threshold(list(highest.values()), len(set(highest.values())) // 2)
     collected, stats = run_collect(
-        lambda p: (lambda out: {"pairs": out.pairs, "rejects": out[REJECTS_TAG]})(
+        lambda p: (lambda out: {"pairs": out["pairs"], "rejects": out[REJECTS_TAG]})(
             p | beam.Create(pair_rows) | DropNsfwPairs(tiny_nsfw, threshold, batch_size=3)),
         tmp_path,
     )

@@ -10,7 +10,7 @@ returns a failed `Generation` with a reason, so that one element never takes its
 
 from __future__ import annotations
 
-import argparse
+import base64
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,11 +19,6 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from magiclens.pipeline.accounting import NAMESPACE, StageCounters
-
-LLM_BACKENDS = ("openai", "vllm", "transformers")
-WRITER_BACKENDS = ("template", *LLM_BACKENDS)
-CAPTIONER_BACKENDS = ("none", *LLM_BACKENDS)
-
 
 @dataclass(frozen=True)
 class ChatMessage:
@@ -59,6 +54,27 @@ class GenerationTask:
     key: str
     request: ChatRequest | None  # None for the template writer, which needs no prompt
     payload: Any = None
+
+
+def image_data_url(image: bytes) -> str:
+    """An image as a data URL (OpenAI's way to send images inline); the type is sniffed from its bytes."""
+    if image.startswith(b"\x89PNG"):
+        mime = "image/png"
+    elif image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        mime = "image/webp"
+    else:
+        mime = "image/jpeg"  # what the mining stage writes
+    return f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
+
+
+def message_payload(message: ChatMessage) -> dict:
+    """One message in the OpenAI chat format, which the openai and vllm backends both send: plain
+    text, or parts when it carries images."""
+    if not message.images:
+        return {"role": message.role, "content": message.text}
+    parts: list[dict] = [{"type": "image_url", "image_url": {"url": image_data_url(image)}} for image in message.images]
+    parts.append({"type": "text", "text": message.text})
+    return {"role": message.role, "content": parts}
 
 
 class GenerationBackend(Protocol):
@@ -127,40 +143,3 @@ class RejectFailedBatch(beam.DoFn):
         batch, (_error_type, error, _traceback) = failed
         for task in batch:
             yield self.counters.reject(task.key, "inference_error", error)  # error is the exception's repr
-
-
-def make_backend(name: str, args: argparse.Namespace, role: str) -> GenerationBackend:
-    """The backend NAME configured from the command line, for the "writer" or the "captioner"."""
-    if name == "template" and role == "writer":
-        from magiclens.pipeline.writers.template import TemplateBackend
-
-        return TemplateBackend(count=args.instructions_per_pair)
-    model = (args.caption_model if role == "captioner" else None) or args.model
-    if not model:
-        flag = "--caption-model or --model" if role == "captioner" else "--model"
-        raise SystemExit(f"--{role} {name} needs {flag}: the model to run (a served model name, a local path or a hub id)")
-    if name == "openai":
-        from magiclens.pipeline.writers.openai import OpenAIBackend
-
-        endpoint = (args.caption_endpoint if role == "captioner" else None) or args.endpoint
-        if not endpoint:
-            raise SystemExit(f"--{role} openai needs --endpoint URL (for example http://127.0.0.1:8000/v1)")
-        return OpenAIBackend(
-            endpoint=endpoint,
-            model=model,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            max_retries=args.max_retries,
-            timeout_s=args.request_timeout,
-            backoff_s=args.retry_backoff,
-        )
-    if name == "vllm":
-        from magiclens.pipeline.writers.vllm import VLLMBackend, engine_arguments
-
-        return VLLMBackend(model=model, engine_args=engine_arguments(args.vllm_arg))
-    if name == "transformers":
-        from magiclens.pipeline.writers.transformers import TransformersBackend
-
-        return TransformersBackend(model=model, device=args.device, vision=role == "captioner")
-    available = WRITER_BACKENDS if role == "writer" else LLM_BACKENDS
-    raise SystemExit(f"unknown {role} backend {name!r}; available: {', '.join(available)}")

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from magiclens.pipeline.text import clean_text, cut_at_sentence
 from magiclens.pipeline.writers import WriterRejected
 from magiclens.pipeline.writers.chat import Generation, GenerationTask
 
@@ -24,23 +25,16 @@ PHRASINGS = (
     "another picture on this page: {text}",
     "an image of {text} related to this one",
 )
-MAX_WORDS = 20
-# alt texts that say nothing about what the image shows
-UNINFORMATIVE = {"image", "photo", "picture", "img", "graphic", "thumbnail", "untitled", "spacer", "logo", "icon"}
-FILE_NAME = re.compile(r"^[\w\-. ]+\.(jpe?g|png|gif|webp|bmp|svg|tiff?)$", re.IGNORECASE)
-MARKUP = re.compile(r"<[^>]*>|https?://\S+")
+# The phrase taken from the target's text: whole sentences (else whole words) up to this length.
+MAX_PHRASE_CHARS = 120
+_URL_IN_TEXT = re.compile(r"\S*(?:https?://|www\.)\S*")
 
 
-def clean_text(text: str) -> str:
-    """Web text -> a short phrase: no markup or URLs, whitespace collapsed, at most MAX_WORDS words."""
-    text = MARKUP.sub(" ", text or "")
-    words = text.split()
-    return " ".join(words[:MAX_WORDS]).strip(" .,;:-|")
-
-
-def informative(text: str) -> bool:
-    lowered = text.lower()
-    return len(lowered) >= 3 and lowered not in UNINFORMATIVE and not FILE_NAME.match(lowered)
+def target_phrase(text: str | None) -> str:
+    """The target's text as a short phrase for an instruction, or "" when it says nothing
+    (boilerplate by pipeline/text.py's rules, which mining applies too)."""
+    text = clean_text(_URL_IN_TEXT.sub(" ", text or ""))
+    return cut_at_sentence(text, MAX_PHRASE_CHARS).strip(" .,;:-|") if len(text) >= 3 else ""
 
 
 class TemplateWriter:
@@ -48,12 +42,15 @@ class TemplateWriter:
     prompt_id = "template@1"
 
     def write(self, pair: dict, count: int = 1) -> list[str]:
+        query_texts = {target_phrase(pair.get(f"query_{name}")).lower() for name in ("alt", "caption", "context")}
         for field in ("target_alt", "target_caption", "target_context"):
-            text = clean_text(pair.get(field) or "")
-            if informative(text):
+            text = target_phrase(pair.get(field))
+            # the same text on both images tells nothing about how the target differs
+            if text and text.lower() not in query_texts:
                 break
         else:
-            raise WriterRejected("no_target_text", "the target has no informative alt text, caption or context")
+            raise WriterRejected("no_target_text", "the target has no informative alt text, caption or context "
+                                                   "of its own (empty, boilerplate, or the same as the query's)")
         start = int(hashlib.sha256(pair["pair_id"].encode()).hexdigest()[:8], 16)
         return [PHRASINGS[(start + i) % len(PHRASINGS)].format(text=text) for i in range(min(count, len(PHRASINGS)))]
 

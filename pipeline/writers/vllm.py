@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from magiclens.pipeline.writers.chat import ChatRequest, Generation, GenerationTask
-from magiclens.pipeline.writers.openai import message_payload
+from magiclens.pipeline.writers.chat import ChatRequest, Generation, GenerationTask, message_payload
 
 MISSING_VLLM = (
     "the vllm backend needs the vllm package, which is not installed: run `pip install '.[vllm]'` "

@@ -6,7 +6,9 @@ decompression-bomb limit, size, aspect ratio, animation) run before any pixel is
 is kept cheap: a JPEG is decoded straight at a reduced scale (draft mode), a large image is shrunk
 by an integer factor with `reduce()` before the final resampling, and the perceptual hash is
 computed from a further reduced gray copy. A baseline RGB JPEG that is already small enough and
-carries no camera metadata is stored as it came, without a lossy re-encode.
+carries no camera metadata is stored without a lossy re-encode: its entropy-coded data as it came,
+but without comment or metadata segments or trailing bytes (`jpeg.strip_jpeg_metadata`), so
+nothing a web page hid in them (HTML, scripts, author data) is ever stored.
 
 Bytes in any state give a NormalizedImage or an ImageRejected, never another exception. Pillow's
 warnings (a decompression-bomb warning, malformed metadata) go through the `warnings` module as
@@ -19,15 +21,19 @@ import hashlib
 import io
 import re
 import zlib
+from dataclasses import dataclass
 
 import imagehash
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from magiclens.pipeline.images.jpeg import JpegStructureError, strip_jpeg_metadata
 from magiclens.pipeline.records import NormalizedImage
 
-# Pillow's own default for Image.MAX_IMAGE_PIXELS: about 0.25 GB once decoded as 24-bit RGB.
-DEFAULT_MAX_PIXELS = 89_478_485
+# Checked from the header, before decoding: 40 M pixels are 120 MB as 24-bit RGB, more than any
+# photo a web page shows (a 50 MP camera frame is 8192x6144) and under half Pillow's own limit
+# (89.5 M), whose images were all decoded in full, peaking at 640 MB per worker, only to be shrunk.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 # Raster formats that web pages use. Pillow can open many more (EPS would start Ghostscript, and
 # rarely used decoders are little tested); bytes in any other format are `not_image`. MPO
@@ -72,6 +78,20 @@ _MAX_AS_IS_BYTES_PER_PIXEL = 1.0
 _HASH_SOURCE_SIDE = 96
 
 
+@dataclass(frozen=True)
+class ImageConfig:
+    """How images are stored: the one place their defaults are written (mine, fetch and their flags)."""
+
+    max_side: int = 512
+    min_side: int = 150
+    max_aspect: float = 3.0
+    jpeg_quality: int = 90
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+DEFAULT_IMAGE = ImageConfig()
+
+
 class ImageRejected(Exception):
     """An image that normalisation will not keep: a reason token and a detail for people."""
 
@@ -84,10 +104,10 @@ class ImageRejected(Exception):
 def normalize_image(
     data: bytes,
     *,
-    max_side: int = 512,
-    min_side: int = 150,
-    max_aspect: float = 3.0,
-    jpeg_quality: int = 90,
+    max_side: int = DEFAULT_IMAGE.max_side,
+    min_side: int = DEFAULT_IMAGE.min_side,
+    max_aspect: float = DEFAULT_IMAGE.max_aspect,
+    jpeg_quality: int = DEFAULT_IMAGE.jpeg_quality,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> NormalizedImage:
     """Decode `data`, orient it upright, convert it to RGB, shrink it and re-encode it as JPEG.
@@ -109,7 +129,9 @@ def normalize_image(
         _check_header_size(image.size, min_side, max_aspect, max_pixels)
         _reject_animation(image)
         if _storable_as_is(image, data, max_side):
-            return _stored_as_is(image, data)
+            stored = _stored_as_is(data)
+            if stored is not None:
+                return stored
         stored_width, stored_height = image.size
         # Only the JPEG decoder can scale while decoding (by 1/2, 1/4 or 1/8, never below the
         # requested size); for every other format draft() does nothing.
@@ -129,7 +151,8 @@ def normalize_image(
         small = small.convert("RGB")
 
     encoded = io.BytesIO()
-    small.save(encoded, "JPEG", quality=jpeg_quality)
+    # Pillow writes the source's comment (carried in image.info) into a JPEG unless told otherwise.
+    small.save(encoded, "JPEG", quality=jpeg_quality, comment=b"")
     return NormalizedImage(
         jpeg=encoded.getvalue(),
         width=small.width,
@@ -142,15 +165,28 @@ def normalize_image(
     )
 
 
-def _storable_as_is(image: Image.Image, data: bytes, max_side: int) -> bool:
-    """A baseline RGB JPEG without camera metadata that needs no shrinking is stored as it came.
+def normalize_with(data: bytes, config: ImageConfig) -> NormalizedImage:
+    """`normalize_image` with the settings of an ImageConfig."""
+    return normalize_image(
+        data,
+        max_side=config.max_side,
+        min_side=config.min_side,
+        max_aspect=config.max_aspect,
+        jpeg_quality=config.jpeg_quality,
+        max_pixels=config.max_pixels,
+    )
 
-    Re-encoding it would only cost quality and time. Re-encoded all the same: progressive files
-    (two to three times slower to decode, at every epoch of training), files with EXIF, XMP or
-    Photoshop metadata (camera, place and author data, perhaps an orientation to apply; the
-    re-encode drops it), and files heavy for their size (near-lossless, or a large ICC profile),
-    whose re-encode saves bytes. Arithmetic-coded JPEGs, which browsers do not show, do not
-    occur on web pages.
+
+def _storable_as_is(image: Image.Image, data: bytes, max_side: int) -> bool:
+    """A baseline RGB JPEG without camera metadata that needs no shrinking keeps its coded pixels.
+
+    Re-encoding it would only cost quality and time; its comment and metadata segments are
+    dropped all the same (`_stored_as_is`), an ICC profile with them, as the re-encode drops it.
+    Re-encoded all the same: progressive files (two to three times slower to decode, at every
+    epoch of training), files with EXIF, XMP or Photoshop metadata (camera, place and author
+    data, perhaps an orientation to apply), and files heavy for their size (near-lossless, or a
+    large ICC profile), whose re-encode saves bytes. Arithmetic-coded JPEGs, which browsers do not
+    show, do not occur on web pages.
     """
     return (
         image.format == "JPEG"  # an MPO (several pictures) has its own format name
@@ -162,21 +198,29 @@ def _storable_as_is(image: Image.Image, data: bytes, max_side: int) -> bool:
     )
 
 
-def _stored_as_is(image: Image.Image, data: bytes) -> NormalizedImage:
-    width, height = image.size
-    # At 1/2..1/8 scale the decoder still reads every coefficient of the file, so broken data
-    # is found as at full size; only the small gray copy that the hash needs is computed.
-    image.draft("L", (_HASH_SOURCE_SIDE, _HASH_SOURCE_SIDE))
-    _decode(image)
+def _stored_as_is(data: bytes) -> NormalizedImage | None:
+    """The JPEG's own coded pixels without its other segments, or None when its segments are not
+    well formed (the caller re-encodes it then)."""
+    try:
+        stripped = strip_jpeg_metadata(data)
+    except JpegStructureError:
+        return None
+    with _open(stripped) as image:
+        width, height = image.size
+        # At 1/2..1/8 scale the decoder still reads every coefficient of the file, so broken data
+        # is found as at full size; only the small gray copy that the hash needs is computed.
+        image.draft("L", (_HASH_SOURCE_SIDE, _HASH_SOURCE_SIDE))
+        _decode(image)
+        phash = _phash(image)
     return NormalizedImage(
-        jpeg=data,
+        jpeg=stripped,
         width=width,
         height=height,
         original_width=width,
         original_height=height,
         original_format="JPEG",
         sha256=hashlib.sha256(data).hexdigest(),
-        phash=_phash(image),
+        phash=phash,
     )
 
 
