@@ -120,6 +120,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard-size", type=int, default=4096, help="images per shard file; an interrupted run loses at most one shard of work (default: 4096)"
     )
     parser.add_argument("--overwrite", action="store_true", help="delete an existing index at --output and build it again")
+    parser.add_argument("--append", action="store_true",
+                        help="add the images to the finished index at --output (images it holds are skipped); "
+                             "an index whose run was interrupted is resumed without it")
     parser.add_argument(
         "--faiss",
         metavar="FACTORY",

@@ -12,10 +12,8 @@ metrics), so published figures should state which was used.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from magiclens.model.arguments import PRECISIONS, add_precision_argument  # noqa: F401 - re-exported
 from magiclens.model.magiclens import MagicLens
 from magiclens.model.preprocess import ImageDecodeError, PreprocessConfig, decode_image, to_model_input
+from magiclens.model.progress import progress
 
 
 
@@ -207,11 +205,11 @@ def embed_files(
     files that could not be read or decoded ("path (detail)"), which have no row."""
     locations = [ImageLocation(str(path)) for path in paths]
     parts, failures = [torch.empty(0, model.config.head.embed_dim)], []
-    with tqdm(total=len(locations), desc=what, unit="img", disable=None, file=sys.stderr) as progress:
+    with progress(len(locations), what) as shown:
         for batch in decoded_batches(locations, preprocess.image_size, batch_size, num_workers,
                                      exif_transpose=exif_transpose):
             failures += [f"{locations[i].source} ({detail})" for i, _, detail in batch.rejected]
             texts = [instructions[i] for i in batch.indices]
             parts.append(embed_decoded(model, preprocess, batch.pixels, batch.max_values, texts, device, precision))
-            progress.update(len(batch.indices) + len(batch.rejected))
+            shown.update(len(batch.indices) + len(batch.rejected))
     return torch.cat(parts), failures

@@ -205,9 +205,8 @@ def build_index(
                 f"{output} was built with other weights ({existing.get('checkpoint')}); "
                 "give a new --output, or --overwrite to start it again"
             )
-    else:
-        meta = {"format": INDEX_FORMAT, **description}
-        _replace_atomically(meta_file, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    meta = {"format": INDEX_FORMAT, **description, "finished": False}
+    _write_meta(meta_file, meta)
 
     summary = IndexSummary()
     done: set[str] = set()
@@ -251,7 +250,18 @@ def build_index(
                 writer.flush()
         writer.flush()
     summary.total += summary.embedded
+    _write_meta(meta_file, {**meta, "finished": True})
     return summary
+
+
+def _write_meta(meta_file: Path, meta: dict[str, Any]) -> None:
+    _replace_atomically(meta_file, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+
+
+def finished_index(output: Path) -> bool:
+    """An index whose last run finished (an interrupted run's index is resumed without --append)."""
+    meta_file = output / INDEX_FILE
+    return meta_file.is_file() and json.loads(meta_file.read_text()).get("finished", True)
 
 
 @dataclass
@@ -336,6 +346,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if args.faiss:
             import_faiss()  # fail before the long part
         images = expand_sources(args.images, args.image_column)
+        if args.overwrite and args.append:
+            raise SearchIndexError("--overwrite and --append contradict each other: give one")
+        if finished_index(output) and not (args.overwrite or args.append):
+            raise SearchIndexError(
+                f"{output} already holds a finished index; pass --append to add images to it, --overwrite to "
+                "build it again, or give another --output"
+            )
         if args.overwrite and output.exists():
             if not (output / INDEX_FILE).is_file():
                 raise SearchIndexError(f"{output} exists but is not an index; --overwrite only replaces an index")

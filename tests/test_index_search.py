@@ -110,6 +110,8 @@ def test_index_resumes_after_an_interruption(tmp_path: Path, tiny_checkpoint: Pa
     lost = len(json.loads(last_record.read_text())["items"])
     before = {item["id"]: vector for items, vectors in zip(load_index(output).items, load_index(output).vectors) for item, vector in zip(items, vectors)}
     last_record.unlink()  # as if the run had stopped between writing a shard's .npy and its .json
+    meta = json.loads((output / "index.json").read_text())
+    (output / "index.json").write_text(json.dumps({**meta, "finished": False}))  # as a stopped run leaves it
 
     resumed = run_json(index, argv, capsys)
     assert (resumed["embedded"], resumed["already_indexed"], resumed["total"]) == (lost, 24 - lost, 24)
@@ -120,7 +122,10 @@ def test_index_resumes_after_an_interruption(tmp_path: Path, tiny_checkpoint: Pa
         for item, vector in zip(items, vectors):
             np.testing.assert_array_equal(vector, before[item["id"]])
 
-    again = run_json(index, argv, capsys)
+    capsys.readouterr()
+    assert run_command(index, argv) == 2  # a finished index is extended only on request
+    assert "pass --append" in capsys.readouterr().err
+    again = run_json(index, argv + ["--append"], capsys)
     assert (again["embedded"], again["already_indexed"]) == (0, 24)
 
 
@@ -148,7 +153,7 @@ def test_index_counts_rejects_and_duplicates(tmp_path: Path, tiny_checkpoint: Pa
     (duplicate,) = record["duplicates"]
     assert {Path(duplicate["id"]).name, Path(duplicate["of"]).name} == {"coffee.png", "coffee-copy.png"}
     # the rejected and the duplicate are accounted for: a second run does not try them again
-    again = run_json(index, ["--checkpoint", str(tiny_checkpoint), "--images", str(corpus / "*"), "--output", str(output), "--num-workers", "0"], capsys)
+    again = run_json(index, ["--checkpoint", str(tiny_checkpoint), "--images", str(corpus / "*"), "--output", str(output), "--num-workers", "0", "--append"], capsys)
     assert (again["embedded"], again["already_indexed"], again["rejected"]) == (0, 5, 0)
 
 
@@ -234,7 +239,7 @@ def test_search_errors(photo_index: Path, tiny_checkpoint: Path, photos: Path, s
     assert run_command(index, ["--checkpoint", str(tiny_checkpoint), "--images", str(tmp_path / "nothing-*.jpg"), "--output", str(tmp_path / "i")]) == 2
     assert "nothing matches" in capsys.readouterr().err
     # an index only grows with the weights that made it
-    assert run_command(index, ["--checkpoint", str(tmp_path / "other"), "--images", coffee, "--output", str(photo_index)]) == 2
+    assert run_command(index, ["--checkpoint", str(tmp_path / "other"), "--images", coffee, "--output", str(photo_index), "--append"]) == 2
     assert "built with other weights" in capsys.readouterr().err
 
 
@@ -250,12 +255,12 @@ def test_faiss_index_gives_the_exact_results(tmp_path: Path, tiny_checkpoint: Pa
     assert [r["score"] for r in with_faiss["results"]] == pytest.approx([r["score"] for r in exact["results"]], abs=1e-5)
 
     # images added without --faiss leave the faiss index behind: searching it is refused
-    assert run_command(index, build + ["--images", str(photos / "matplotlib")]) == 0
+    assert run_command(index, build + ["--images", str(photos / "matplotlib"), "--append"]) == 0
     capsys.readouterr()
     assert run_command(search, query + ["--faiss"]) == 2
     assert "23 embeddings then, 24 now" in capsys.readouterr().err
     # an index that faiss trains (IVF), searched in all its 4 lists, is exact again
-    assert run_command(index, build + ["--images", str(photos / "matplotlib"), "--faiss", "IVF4,Flat"]) == 0
+    assert run_command(index, build + ["--images", str(photos / "matplotlib"), "--faiss", "IVF4,Flat", "--append"]) == 0
     exact = run_json(search, query, capsys)
     clustered = run_json(search, query + ["--faiss", "--faiss-params", "nprobe=4"], capsys)
     assert [r["id"] for r in clustered["results"]] == [r["id"] for r in exact["results"]]

@@ -41,7 +41,9 @@ def files_under(folder: Path) -> list[str]:
 def refused(capsys, args: list[str], message: str) -> None:
     """The command exits with a usage error whose message holds `message`."""
     capsys.readouterr()
-    assert main(args) == USAGE_ERROR
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == USAGE_ERROR
     assert message in capsys.readouterr().err
 
 
@@ -127,7 +129,7 @@ def test_readers_refuse_output_whose_run_did_not_finish(shared_data, tmp_path, c
 def test_a_second_run_into_a_held_output_refuses_with_the_holder(tmp_path):
     out = str(tmp_path / "out")
     holder = begin_run(out, "mine", overwrite=False)
-    with pytest.raises(OutputError, match=f"being written by another run: mine run {holder.run_id}"):
+    with pytest.raises(SystemExit, match=f"being written by another run: mine run {holder.run_id}"):
         begin_run(out, "instruct", overwrite=False)
     assert [path.name for path in Path(out).glob("_RUNNING.*")] == [f"_RUNNING.{holder.run_id}.json"]
     holder.abandon()
@@ -170,7 +172,7 @@ def test_claims_from_other_hosts_are_stale_only_without_a_heartbeat(tmp_path):
     begin_run(str(out), "mine", overwrite=False).abandon()
     assert not (out / "_RUNNING.old.json").exists()
     (out / "_RUNNING.live.json").write_text(json.dumps({**fresh, "run_id": "live"}))
-    with pytest.raises(OutputError, match="run live on elsewhere"):
+    with pytest.raises(SystemExit, match="run live on elsewhere"):
         begin_run(str(out), "mine", overwrite=False)
 
 
@@ -194,19 +196,19 @@ def test_a_killed_overwrite_leaves_the_last_committed_output_whole(shared_data, 
 
 def test_a_file_in_the_way_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="is a file, not a folder"):
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
         check_writable(str(tmp_path / "file" / "out"))
     refused(capsys, ["mine", "--input", str(tmp_path / "file"), "--output", str(tmp_path / "file" / "out"), "--no-fetch"],
             "is a file, not a folder")
 
 
 def test_a_name_too_long_is_a_clear_error(tmp_path):
-    with pytest.raises(OutputError, match="longer than 255 bytes"):
+    with pytest.raises(SystemExit, match="longer than 255 bytes"):
         check_writable(str(tmp_path / ("n" * 300)))
 
 
 def test_dot_dot_through_a_missing_folder_is_a_clear_error_and_leaves_nothing(tmp_path):
-    with pytest.raises(OutputError, match="cannot go through it"):
+    with pytest.raises(SystemExit, match="cannot go through it"):
         check_writable(str(tmp_path / "missing" / ".." / "out"))
     assert list(tmp_path.iterdir()) == []
 
@@ -226,7 +228,7 @@ def test_a_read_only_folder_is_a_clear_error(tmp_path):
     if locked is None:
         folder.chmod(0o555)
     try:
-        with pytest.raises(OutputError, match="cannot be written: (permission denied|operation not permitted)"):
+        with pytest.raises(SystemExit, match="cannot be written: (permission denied|operation not permitted)"):
             check_writable(str(folder / "out"))
     finally:
         subprocess.run(["chattr", "-i", str(folder)]) if locked is not None else folder.chmod(0o755)
@@ -234,7 +236,7 @@ def test_a_read_only_folder_is_a_clear_error(tmp_path):
 
 def test_s3_without_boto3_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(output_module, "find_spec", lambda name: None)
-    with pytest.raises(OutputError, match=r"pip install 'magiclens\[s3\]'"):
+    with pytest.raises(SystemExit, match=r"pip install 'magiclens\[s3\]'"):
         check_writable("s3://bucket/out")
     refused(capsys, ["mine", "--input", "s3://bucket/x.warc.gz", "--output", str(tmp_path / "o"), "--no-fetch"],
             "pip install 'magiclens[s3]'")

@@ -203,3 +203,22 @@ def test_the_api_searches_and_says_what_is_wrong(photo_index: Path, tiny_checkpo
     assert [hit["rank"] for hit in hits] == [1, 2] and hits[0]["id"] == str((photos / "coffee.png").resolve())
     with pytest.raises(api.CommandError, match="cannot read the query image"):
         api.search(index=str(photo_index), checkpoint=str(tiny_checkpoint), image=str(photos / "missing.png"))
+
+
+def test_evaluate_warns_when_k_reaches_the_gallery_size(tiny_checkpoint: Path, photos: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = ["coffee.png", "astronaut.png", "rocket.jpg", "chelsea.png"]
+    image = lambda name: {"bytes": (photos / name).read_bytes(), "path": name}  # noqa: E731
+    rows = [{"triplet_id": f"t{i}", "query_image": image(names[i]), "instruction": "the next photo",
+             "target_image": image(names[(i + 1) % 4])} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "triplets.parquet")
+    capsys.readouterr()
+    argv = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "triplets.parquet"),
+            "--num-workers", "0", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["gallery"] == 4
+    assert "the gallery holds only 4 images, so the metrics at k = 5, 10, 25, 50 rank the whole gallery" in captured.err

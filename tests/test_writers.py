@@ -404,8 +404,8 @@ def test_transformers_writer_generates_for_each_request(tiny_writer_model, short
 def test_transformers_writer_garbage_goes_to_rejects_with_the_raw_output(tiny_writer_model, short_prompt, shared_data, tmp_path):
     pairs = write_pairs(tmp_path / "pairs", shared_data, [("p1", "coffee", "rocket", "a rocket"), ("p2", "chelsea", "coffee", "coffee")])
     assert main(["instruct", "--pairs", str(pairs), "--output", str(tmp_path / "out"), "--writer", "transformers",
-                 "--model", str(tiny_writer_model), "--prompt", str(short_prompt), "--device", "cpu", "--batch-size", "2"]) == 0
-    assert read_dataset(tmp_path / "out" / "triplets") == []
+                 "--model", str(tiny_writer_model), "--prompt", str(short_prompt), "--device", "cpu", "--batch-size", "2"]) == 1
+    assert read_dataset(tmp_path / "out" / "triplets") == []  # nothing written: exit 1, with the reasons
     rejects = read_dataset(tmp_path / "out" / "rejects")
     assert {r["element_id"] for r in rejects} == {"p1", "p2"}
     assert {r["reason"] for r in rejects} <= {"unparseable_output", "schema_mismatch"}
@@ -446,7 +446,7 @@ def test_transformers_captioner_in_the_pipeline_rejects_garbage_captions(tmp_pat
     folder = save_tiny_vision_model(tmp_path / "tiny-llava")
     pairs = write_pairs(tmp_path / "mined" / "pairs", shared_data, [("p1", "coffee", "rocket", "a rocket")])
     assert main(["instruct", "--pairs", str(pairs), "--output", str(tmp_path / "out"), "--writer", "template",
-                 "--captioner", "transformers", "--caption-model", str(folder), "--device", "cpu"]) == 0
+                 "--captioner", "transformers", "--caption-model", str(folder), "--device", "cpu"]) == 1
     rejects = read_dataset(tmp_path / "out" / "rejects")
     assert sorted((r["stage"], r["reason"]) for r in rejects if r["stage"] == "instruct") == [("instruct", "missing_caption")]
     assert len([r for r in rejects if r["stage"] == "captions"]) == 2

@@ -57,6 +57,8 @@ class FilterConfig:
             raise SystemExit(f"--corpus-duplicate-distance must be between 0 and 63, got {args.corpus_duplicate_distance}")
         if not 0 <= args.min_language_confidence <= 1:
             raise SystemExit(f"--min-language-confidence must be between 0 and 1, got {args.min_language_confidence}")
+        if not 0 <= args.min_photo_score <= 1:
+            raise SystemExit(f"--min-photo-score must be between 0 and 1, got {args.min_photo_score}")
         if not 0 <= args.nsfw_threshold <= 1:
             raise SystemExit(f"--nsfw-threshold must be between 0 and 1, got {args.nsfw_threshold}")
         band = _parse_band(args.pair_similarity) if args.pair_similarity else None
@@ -69,7 +71,7 @@ class FilterConfig:
                 languages=languages,
                 min_language_confidence=args.min_language_confidence,
             ),
-            decoded=DecodedImageConfig(min_pixel_std=args.min_pixel_std),
+            decoded=DecodedImageConfig(min_pixel_std=args.min_pixel_std, min_photo_score=args.min_photo_score),
             dedupe=DedupeConfig(
                 max_distance=args.corpus_duplicate_distance,
                 max_pages_per_image=args.max_pages_per_image,
@@ -114,6 +116,10 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     decoded.add_argument("--min-pixel-std", type=float, default=DecodedImageConfig.min_pixel_std, metavar="STD",
                          help="reject near-uniform images: standard deviation of the gray levels (0-255) "
                               f"under this (default {DecodedImageConfig.min_pixel_std:g}; real photos measure 9 and up)")
+    decoded.add_argument("--min-photo-score", type=float, default=DecodedImageConfig.min_photo_score, metavar="S",
+                         help="reject images whose photo-versus-graphic score (0 graphic .. 1 photo: distinct colours, "
+                              "entropy, flat area; recorded per image in the pairs) is under S; 0.2 suits colour web "
+                              f"photos but also drops grey photos (default {DecodedImageConfig.min_photo_score:g}: off)")
     decoded.add_argument("--nsfw-model", default=None, metavar="PATH_OR_ID",
                          help="optional: a transformers image classifier (local path or hub id) with an 'nsfw' "
                               "label; pairs with an image it scores at or over --nsfw-threshold are dropped "
