@@ -26,6 +26,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q --no-deps img2dataset==1.47.0
 	$(PY) -m bench
 
 clean:

@@ -34,6 +34,8 @@ setup(
     install_requires=[
         "apache-beam>=2.60",  # the pipelines, their runners, FileSystems, Metrics, WriteToParquet
         "fastwarc>=0.14",  # WARC reading (fast, gzip multi-member, Rust core)
+        "brotli>=1.0",  # HTTP Content-Encoding: br payloads kept in WARCs
+        "zstandard>=0.20",  # HTTP Content-Encoding: zstd payloads kept in WARCs
         "selectolax>=0.3.21",  # Lexbor HTML parser: the default extractor
         "beautifulsoup4>=4.12",  # the alternative extractor (--html-parser bs4)
         "html5lib>=1.1",  # HTML5 tree building for bs4, so that both parsers see one tree
@@ -61,11 +63,15 @@ setup(
         "vllm": ["vllm>=0.8"],  # the offline batch engine for GPU workers (--writer vllm)
         "faiss": ["faiss-cpu>=1.8"],  # approximate search for large indexes (magiclens search --faiss)
         "webdataset": ["webdataset>=0.2.86"],  # magiclens export --format webdataset
+        # bench/bench_images.py's baseline: what img2dataset's Resizer imports. img2dataset itself is
+        # installed by `make bench` without its dependencies (they would downgrade pandas and webdataset).
+        "bench": ["opencv-python-headless>=4.5.5.62,<5", "albumentations>=1.3,<2"],
         # tests: gs:// paths run against a local GCS emulator
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "apache-beam[gcp]>=2.60", "gcp-storage-emulator>=2024.8",
                 "faiss-cpu>=1.8",  # the --faiss search path is tested too,
                 "webdataset>=0.2.86",  # and the WebDataset export,
-                "datasets>=2.14"],  # and that Hugging Face `datasets` reads pairs and triplets as images
+                "datasets>=2.14",  # and that Hugging Face `datasets` reads pairs and triplets as images,
+                "markdown>=3.4"],  # and that the dataset card renders as Markdown
     },
     entry_points={"console_scripts": ["magiclens=magiclens.cli:main"]},
 )

@@ -41,7 +41,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from magiclens.pipeline.dedupe import DedupeConfig, component_labels, hamming
+from magiclens.pipeline.dedupe import DedupeConfig, component_labels
+from magiclens.pipeline.hashing import hamming
 from magiclens.pipeline.extract import extract_images
 from magiclens.pipeline.filters import RefFilterConfig, filter_page_refs
 from magiclens.pipeline.images import ImageRejected, normalize_image

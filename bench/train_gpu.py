@@ -109,6 +109,8 @@ def _synthetic_batch(batch_size: int, image_size: int, device: torch.device) -> 
 
 def _measure(args: argparse.Namespace, batch_size: int, compiled: bool, data: str, device: torch.device) -> dict:
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model, preprocess = build_model(args.model)
     model.to(device).train()
     forward = TripletForward(model, preprocess)
@@ -152,7 +154,8 @@ def _measure(args: argparse.Namespace, batch_size: int, compiled: bool, data: st
     )
     loader = iter(
         DataLoader(
-            dataset, batch_size=None, num_workers=args.num_workers, pin_memory=device.type == "cuda", prefetch_factor=4
+            dataset, batch_size=None, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if args.num_workers > 0 else None,  # torch refuses a prefetch without workers
         )
     )
 
@@ -171,6 +174,8 @@ def _measure(args: argparse.Namespace, batch_size: int, compiled: bool, data: st
         "synthetic_mfu": synthetic_rate * per_triplet / peak,
         "parquet_mfu": parquet_rate * per_triplet / peak,
         "gflop_per_triplet": per_triplet / 1e9,
+        "step_seconds": batch_size / synthetic_rate,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
 

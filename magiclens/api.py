@@ -65,7 +65,7 @@ def _run(command: str, options: dict[str, Any], beam_options: Iterable[str] = ()
     try:
         with contextlib.redirect_stderr(errors):
             module, args, extra = parse_command(command, argv)
-    except SystemExit as stop:
+    except SystemExit:
         lines = [line for line in errors.getvalue().splitlines() if line.strip() and not line.startswith(" ")]
         raise CommandError(command, 2, lines[-1] if lines else "bad options") from None
     try:

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from magiclens.model.arguments import add_benchmark_arguments
-from magiclens.model.benchmark_data import BENCHMARKS, BenchmarkDataError, Task, load_benchmark
+from magiclens.model.arguments import add_benchmark_arguments, add_precision_argument
+from magiclens.model.benchmark_data import BenchmarkDataError, Task, load_benchmark
 from magiclens.model.checkpoint import CheckpointError, load_checkpoint
-from magiclens.model.embed import add_precision_argument, embed_files
+from magiclens.model.embed import embed_files
 from magiclens.model.magiclens import MagicLens
 from magiclens.model.metrics import mean_average_precision, rank_gallery, rank_subsets, recall_at, soft_recall_at
 from magiclens.model.preprocess import PreprocessConfig

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from magiclens.model.arguments import PRECISIONS, add_precision_argument  # noqa: F401 - re-exported
+from magiclens.model.arguments import PRECISIONS
 from magiclens.model.magiclens import MagicLens
 from magiclens.model.preprocess import ImageDecodeError, PreprocessConfig, decode_image, to_model_input
 from magiclens.model.progress import progress

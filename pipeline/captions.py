@@ -22,11 +22,10 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadAllFromParquet, WriteToParquet
-from apache_beam.ml.inference.base import PredictionResult, RunInference
 
 from magiclens.pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
 from magiclens.pipeline.writers import WriterRejected
-from magiclens.pipeline.writers.chat import GenerationBackend, GenerationModelHandler, GenerationTask, RejectFailedBatch, TokenCounters
+from magiclens.pipeline.writers.chat import GenerationBackend, GenerationResult, GenerationTask, RejectFailedBatch, TokenCounters
 from magiclens.pipeline.writers.prompt import Prompt, caption_request
 from magiclens.pipeline.writers.validate import check_caption, parse_answer
 
@@ -109,7 +108,7 @@ class CaptionsFromGenerations(beam.DoFn):
         self.counters = StageCounters(STAGE)
         self.tokens = TokenCounters("captioner")
 
-    def process(self, result: PredictionResult):
+    def process(self, result: GenerationResult):
         task, generation = result.example, result.inference
         self.tokens.add(result)
         if generation.text is None:
@@ -157,6 +156,11 @@ class CaptionImages(beam.PTransform):
             | "GroupByImage" >> beam.CoGroupByKey()
             | "CachedOrMissing" >> beam.ParDo(SplitCachedAndMissing(self.prompt, self.seed)).with_outputs(MISSING_TAG, main="cached")
         )
+        # Captioners are models; RunInference (it imports torch) loads only when one is asked for.
+        from apache_beam.ml.inference.base import RunInference
+
+        from magiclens.pipeline.writers.inference import GenerationModelHandler
+
         handler = GenerationModelHandler(self.captioner, self.batch_size, "magiclens_captioner")
         generated, dead_letters = split[MISSING_TAG] | "Caption" >> RunInference(handler).with_exception_handling()
         new = generated | "CheckCaptions" >> beam.ParDo(CaptionsFromGenerations(self.prompt)).with_outputs(REJECTS_TAG, main="captions")

@@ -24,8 +24,6 @@ from typing import BinaryIO
 
 import requests
 import urllib3
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
 LOG = logging.getLogger("magiclens.commoncrawl")
 
@@ -56,6 +54,8 @@ def paths_file_location(crawl: str, base: str = DEFAULT_BASE) -> str:
 def _join(base: str, relative: str) -> str:
     if is_http_url(base):
         return base.rstrip("/") + "/" + relative
+    from apache_beam.io.filesystems import FileSystems  # Beam only when a run reads files: `mine --help` stays quick
+
     return FileSystems.join(base, relative)
 
 
@@ -269,6 +269,9 @@ def open_warc(path_or_url: str) -> BinaryIO:
     """Open a WARC (or any file) for reading: resumable streaming for http(s), Beam FileSystems else."""
     if is_http_url(path_or_url):
         return ResumableHttpReader(path_or_url)
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
     return FileSystems.open(path_or_url, compression_type=CompressionTypes.UNCOMPRESSED)
 
 

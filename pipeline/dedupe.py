@@ -36,24 +36,14 @@ import apache_beam as beam
 import numpy as np
 
 from magiclens.pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
-from magiclens.pipeline.hashing import hamming
 from magiclens.pipeline.pair_cap import CapPairsPerCluster, ClusteredPair
 from magiclens.pipeline.pairs import PageImage, PairingConfig, choose_pairs, drop_duplicates, pair_row
 from magiclens.pipeline.pixels import colours_agree, measured
+from magiclens.pipeline.stage_config import DedupeConfig
 
 HASH_BITS = 64
 # Cells of the distance matrix computed at once when verifying one bucket (bounds memory).
 _VERIFY_CELLS = 1 << 22
-
-
-@dataclass(frozen=True)
-class DedupeConfig:
-    # At most this many differing pHash bits make two images one cluster. The shared near-duplicate
-    # sets measure 0-4 for real edits and 18 or more for distinct photos (docs/filters.md).
-    max_distance: int = 6
-    max_pages_per_image: int = 10
-    max_pairs_per_image: int = 10
-    rounds: int = 4
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ docs/filters.md for why not lingua); a guess under `min_language_confidence` is 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from urllib.parse import unquote, urlsplit
 

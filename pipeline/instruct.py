@@ -5,6 +5,7 @@ again with a new prompt or writer never repeats crawling, fetching or dedupe, an
 image again for the same captioner and caption prompt (see pipeline/captions.py).
 
   pairs -> [captions: cache or captioner] -> writer tasks -> RunInference(writer) -> checked answers
+  (the rule-based template writer runs in a plain ParDo instead: no RunInference, which imports torch)
         -> OUTPUT/triplets/*.parquet, OUTPUT/rejects/, OUTPUT/stats.json
 
 Stages in stats.json: `captions` (images that needed a caption), `instruct` (pairs), `instructions`
@@ -24,7 +25,6 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet, WriteToParquet
 from apache_beam.options.pipeline_options import GoogleCloudOptions
-from apache_beam.ml.inference.base import PredictionResult, RunInference
 
 from magiclens.pipeline import schemas
 from magiclens.pipeline.accounting import (
@@ -44,7 +44,14 @@ from magiclens.pipeline.records import Reject
 from magiclens.pipeline.output import begin_run, check_writable, require_committed_dataset
 from magiclens.pipeline.report import REPORT_NAME, write_report
 from magiclens.pipeline.writers import BackendConfig, WriterRejected, make_backend
-from magiclens.pipeline.writers.chat import GenerationModelHandler, GenerationTask, RejectFailedBatch, TokenCounters
+from magiclens.pipeline.writers.chat import (
+    GenerateInProcess,
+    GenerationBackend,
+    GenerationResult,
+    GenerationTask,
+    RejectFailedBatch,
+    TokenCounters,
+)
 from magiclens.pipeline.writers.prompt import CAPTION, INSTRUCTION, Prompt, instruction_request, load_prompt
 from magiclens.pipeline.writers.template import TemplateWriter
 from magiclens.pipeline.writers.validate import check_instructions, parse_answer, raw_output
@@ -151,7 +158,7 @@ class TripletsFromGenerations(beam.DoFn):
         self.triplets = beam.metrics.Metrics.counter("magiclens", "outputs.triplets")
         self.tokens = TokenCounters("writer")
 
-    def process(self, result: PredictionResult):
+    def process(self, result: GenerationResult):
         task, generation = result.example, result.inference
         pair, prompt = task.payload, self.spec.prompt
         self.tokens.add(result)
@@ -213,10 +220,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: InstructConfig) -> WriterSpe
         pairs = pairs | "AttachCaptions" >> AttachCaptions(captioned["captions"])
         rejects.append(captioned[REJECTS_TAG])
     tasks = pairs | "WriterTasks" >> beam.ParDo(BuildWriterTasks(spec)).with_outputs(REJECTS_TAG, main="tasks")
-    handler = GenerationModelHandler(writer, config.batch_size, "magiclens_writer")
-    generated, dead_letters = tasks.tasks | "Write" >> RunInference(handler).with_exception_handling()
+    generated, failed = _write(tasks.tasks, writer, config)
     written = generated | "Check" >> beam.ParDo(TripletsFromGenerations(spec)).with_outputs(REJECTS_TAG, main="triplets")
-    failed = dead_letters.failed_inferences | "FailedBatches" >> beam.ParDo(RejectFailedBatch(STAGE))
     rejects += [tasks[REJECTS_TAG], written[REJECTS_TAG], failed]
     written.triplets | "WriteTriplets" >> WriteToParquet(
         FileSystems.join(config.output, "triplets", "part"), schemas.TRIPLETS, file_name_suffix=".parquet"
@@ -229,6 +234,20 @@ def build_pipeline(pipeline: beam.Pipeline, config: InstructConfig) -> WriterSpe
         >> WriteToParquet(FileSystems.join(config.output, "rejects", "part"), schemas.REJECTS, file_name_suffix=".parquet")
     )
     return spec
+
+
+def _write(tasks: beam.PCollection, writer: GenerationBackend, config: InstructConfig) -> tuple[beam.PCollection, beam.PCollection]:
+    """The writer's GenerationResults, and the rejects of the batches it failed on."""
+    if config.writer.name == "template":
+        written = tasks | "Write" >> GenerateInProcess(writer, config.batch_size, STAGE)
+        return written.generated, written[REJECTS_TAG]
+    from apache_beam.ml.inference.base import RunInference
+
+    from magiclens.pipeline.writers.inference import GenerationModelHandler
+
+    handler = GenerationModelHandler(writer, config.batch_size, "magiclens_writer")
+    generated, dead_letters = tasks | "Write" >> RunInference(handler).with_exception_handling()
+    return generated, dead_letters.failed_inferences | "FailedBatches" >> beam.ParDo(RejectFailedBatch(STAGE))
 
 
 def _backend(args: argparse.Namespace, role: str) -> BackendConfig:

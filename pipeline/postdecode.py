@@ -17,22 +17,12 @@ white image that `near_uniform` rejects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from magiclens.pipeline.accounting import CheckStage, Problem
 from magiclens.pipeline.pixels import PixelSignals, measured, pixel_signals
 from magiclens.pipeline.records import NormalizedImage
-
-
-@dataclass(frozen=True)
-class DecodedImageConfig:
-    # Gray-level standard deviation (0-255) under which an image is near-uniform. The shared real
-    # photos measure 9.9 (microaneurysms) to 72; a blank or one-colour image measures under 2.
-    min_pixel_std: float = 6.0
-    # Photo score (0 graphic .. 1 photo) under which an image is rejected as `graphic`; 0 = off.
-    # Shared colour photos score 0.23 and up, logos, charts, text and line art 0.05 and under, but
-    # gray photos score low too (docs/filters.md).
-    min_photo_score: float = 0.0
+from magiclens.pipeline.stage_config import DecodedImageConfig
 
 
 def pixel_std(image: NormalizedImage) -> float:

@@ -31,6 +31,7 @@ from magiclens.pipeline.accounting import StageCounters
 from magiclens.pipeline.commoncrawl import open_warc
 from magiclens.pipeline.http_payload import PayloadRejected, decode_http_payload
 from magiclens.pipeline.records import ImageRecord, Page
+from magiclens.pipeline.stage_config import ReadLimits
 from magiclens.pipeline.warc_resync import (
     first_broken_gzip_member,
     gzip_member,
@@ -49,14 +50,6 @@ CONTENT_TYPES = (WarcRecordType.response, WarcRecordType.resource, WarcRecordTyp
 FILE_PROBLEMS = ("unreadable_file", "empty_file", "not_a_warc", "wat_or_wet_file", "truncated_file", "corrupt_file")
 PAGES_TAG = "pages"
 IMAGES_TAG = "images"
-
-
-@dataclass(frozen=True)
-class ReadLimits:
-    """Caps on a payload, as stored and once its HTTP encodings are undone."""
-
-    max_html_bytes: int = 5 * 1024 * 1024
-    max_image_bytes: int = 20 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -112,11 +112,10 @@ def test_train_help_shows_defaults(capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["instruct", "export", "train", "evaluate", "index", "search", "serve", "convert-official", "mine"]
+    "command", ["instruct", "export", "train", "evaluate", "index", "search", "serve", "convert-official", "mine", "report"]
 )
 def test_help_imports_no_heavy_library(command) -> None:
-    """`--help` reads only the options: no torch, transformers, nor Beam (but mine's options are still
-    declared beside its Beam stages)."""
+    """`--help` reads only the options: no torch, transformers, nor Beam."""
     probe = (
         "import sys\nfrom magiclens.cli import main\n"
         f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
@@ -124,7 +123,52 @@ def test_help_imports_no_heavy_library(command) -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == ("False False True" if command == "mine" else "False False False")
+    assert done.stdout.splitlines()[-1] == "False False False"
+
+
+# Runs `magiclens ARGV...` in a fresh interpreter; prints the exit status, then whether Beam and torch were imported.
+IMPORTS_PROBE = """
+import sys
+from magiclens.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+print(code, "apache_beam" in sys.modules, "torch" in sys.modules)
+"""
+
+
+def run_probe(argv: list[str]) -> tuple[str, str]:
+    """(exit status and imports as printed by IMPORTS_PROBE, stderr)."""
+    done = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()[-1], done.stderr
+
+
+def test_option_errors_of_mine_and_report_import_neither_beam_nor_torch(tmp_path) -> None:
+    status, err = run_probe(["mine", "--input", "x.warc.gz", "--max-side", "big", "--output", str(tmp_path / "m")])
+    assert status == "2 False False" and "--max-side: invalid int value: 'big'" in err
+    status, err = run_probe(["mine", "--input", "x.warc.gz"])
+    assert status == "2 False False" and "the following arguments are required: --output" in err
+    status, err = run_probe(["report", str(tmp_path), "--samples", "many"])
+    assert status == "2 False False" and "--samples: invalid int value: 'many'" in err
+    status, err = run_probe(["report", str(tmp_path), "--sample", "3"])
+    assert status == "2 False False" and "did you mean --samples?" in err
+
+
+def test_the_template_writer_runs_without_torch(shared_data, tmp_path) -> None:
+    """The rule-based writer needs no model: its run never imports torch (which RunInference does)."""
+    pairs = write_pairs(tmp_path / "mined" / "pairs", shared_data, [
+        ("p-cup", "astronaut", "coffee", "an espresso cup on a saucer"),
+        ("p-none", "chelsea", "rocket", ""),  # no target text: rejected as no_target_text
+    ])
+    status, err = run_probe(["instruct", "--pairs", str(pairs), "--output", str(tmp_path / "out"), "--writer", "template"])
+    assert status == "0 True False", err[-3000:]
+    triplets = pq.read_table(tmp_path / "out" / "triplets").to_pylist()
+    assert [(row["pair_id"], row["writer"]) for row in triplets] == [("p-cup", "template")]
+    assert "espresso cup on a saucer" in triplets[0]["instruction"]
+    rejects = pq.read_table(tmp_path / "out" / "rejects").to_pylist()
+    assert [(row["element_id"], row["reason"]) for row in rejects] == [("p-none", "no_target_text")]
 
 
 def test_log_level_is_global_and_per_command(tmp_path, capsys) -> None:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from magiclens.pipeline.accounting import REJECTS_TAG
+from magiclens.pipeline.hashing import hamming
 from magiclens.pipeline.pair_cap import CapPairsPerCluster, ClusteredPair
 from magiclens.pipeline.dedupe import (
     ClusterImages,
@@ -26,7 +27,6 @@ from magiclens.pipeline.dedupe import (
     band_values,
     component_labels,
     first_shared_band,
-    hamming,
     near_pairs_in_bucket,
     select_page_images,
 )

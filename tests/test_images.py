@@ -15,7 +15,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 
 from magiclens.pipeline.images import (
     DEFAULT_IMAGE,
@@ -345,6 +345,30 @@ def test_exif_rotated_photo_reports_its_upright_size(images: Path) -> None:
     assert (normalized.width, normalized.height) == (384, 512)
 
 
+def test_a_large_exif_rotated_jpeg_is_decoded_at_reduced_scale(
+    images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Draft decoding is chosen from the stored size, so an EXIF turn does not make it decode in full."""
+    with Image.open(images / "neardup/pdq-bridge-mods/aaa-orig.jpg") as photo:  # 1600x1004
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored turned: shown 90 degrees clockwise
+        out = io.BytesIO()
+        photo.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    decoded_sizes = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def recording_draft(self, mode, size):
+        result = draft(self, mode, size)
+        decoded_sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+    normalized = normalize_image(out.getvalue())
+    assert decoded_sizes == [(800, 502)]  # 1/2 scale, the smallest still at least 512 x 321
+    assert (normalized.original_width, normalized.original_height) == (1004, 1600)
+    assert (normalized.width, normalized.height) == (321, 512)
+
+
 def test_cmyk_jpeg_is_converted_with_plausible_colours(images: Path) -> None:
     # Pillow's sample: red "RED" lettering and a red square on black, stored as Adobe CMYK
     normalized = normalize_image(
@@ -625,6 +649,32 @@ def test_phash_of_the_reduced_image_matches_the_full_image(images: Path) -> None
         data = path.read_bytes()
         reduced = phash_of(normalize_image(data, min_side=1, max_aspect=10))
         assert reduced - full_image_phash(data) <= 4, path.name
+
+
+# pHashes that dedupe has stored, from normalize_image with Pillow 12.3: a change to decoding,
+# resizing or the hash itself must keep them, or stored outputs stop matching new ones.
+PINNED_PHASHES = {
+    "neardup/pdq-bridge-mods/aaa-orig.jpg": "aca29c1c33dc23d7",  # large JPEG: draft decoding
+    "photos/skimage/retina.jpg": "c0cd1f977ac02d0f",
+    "photos/skimage/hubble_deep_field.jpg": "84cc4f96ba4d133e",  # large, too small for draft
+    "neardup/imagededup-ukbench/base_images/ukbench09268.jpg": "cccc333d1ab0e9d2",  # EXIF-rotated
+    "neardup/imagededup-ukbench/base_images/ukbench00120.jpg": "9fee256238984d71",
+    "photos/skimage/motorcycle_left.png": "c507c66b9370aa73",
+    "photos/skimage/camera.png": "9ff9c1c0434e8cbc",  # gray
+    "neardup/pdq-labelme-distractors/pen-and-coaster.png": "b7cfd2249930c3c3",  # alpha
+    "neardup/pdq-labelme-distractors/q0003.jpg": "807f5457505f017f",  # stored as it came
+    "edgecases/pillow_pil_sample_cmyk.jpg": "c4f07b7ae0e47858",
+}
+
+
+@pytest.mark.parametrize("relative", sorted(PINNED_PHASHES))
+def test_phash_values_do_not_move(images: Path, relative: str) -> None:
+    found = normalize_file(images, relative, min_side=1).phash
+    assert found == PINNED_PHASHES[relative], (
+        f"the pHash of {relative} moved from {PINNED_PHASHES[relative]} to {found}: near-duplicates "
+        "stored before this change would no longer be found; if a Pillow upgrade moved it, re-hash "
+        "stored outputs before updating this table"
+    )
 
 
 def test_edited_copies_hash_near_the_original(images: Path) -> None:

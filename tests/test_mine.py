@@ -221,3 +221,37 @@ def test_srcset_lazy_base_href_and_exif_rotated_images_are_paired_upright(shared
     expected = upright.resize(stored.size)
     difference = sum(abs(a - b) for a, b in zip(stored.tobytes(), expected.tobytes())) / len(expected.tobytes())
     assert difference < 12, difference  # the same picture, not a rotated one
+
+
+def test_one_image_several_names_is_found_in_the_archive(shared_data, tmp_path):
+    # As real archives showed: the page says https:// where the crawler stored http://, writes %2C
+    # where the archive has ",", and offers a srcset whose largest candidate was never archived
+    # while its src was. Each reference still finds its image, and records the candidate it used.
+    photos = shared_data / "images/photos/skimage"
+    images = {
+        "http://site.test/img/astronaut.jpg": (photos / "astronaut.png").read_bytes(),
+        "http://site.test/img/chelsea,w_600.jpg": (photos / "chelsea.png").read_bytes(),
+        "http://site.test/img/coffee-600.jpg": (photos / "coffee.png").read_bytes(),
+    }
+    page = (
+        '<html><body><article>'
+        '<img src="https://site.test/img/astronaut.jpg" alt="an astronaut in a white suit">'
+        '<img src="https://SITE.test:443/img/chelsea%2Cw_600.jpg#top" alt="a tabby cat on a rug">'
+        '<img srcset="/img/coffee-1200.jpg 1200w, /img/coffee-600.jpg 600w" src="/img/coffee-600.jpg"'
+        ' alt="a cup of coffee on a saucer">'
+        "</article></body></html>"
+    )
+    records = [(url, "image/jpeg", data) for url, data in images.items()]
+    records.append(("https://site.test/story", "text/html; charset=utf-8", page.encode()))
+    warc = write_warc(tmp_path / "page.warc.gz", records)
+    stats = mine([str(warc)], tmp_path / "out", "--pairs-per-page", "6")
+    assert_balanced(stats)
+    stages = stats["stages"]
+    assert stages["images"]["rejected"] == {} and stages["image_records"]["rejected"] == {}
+    rows = read_dataset(tmp_path / "out" / "pairs").to_pylist()
+    used = {row[f"{side}_url"]: row[f"{side}_image_url"] for row in rows for side in ("query", "target")}
+    assert used == {  # the URL as the page wrote it (resolved), and the candidate whose bytes were used
+        "https://site.test/img/astronaut.jpg": "https://site.test/img/astronaut.jpg",
+        "https://SITE.test:443/img/chelsea%2Cw_600.jpg": "https://SITE.test:443/img/chelsea%2Cw_600.jpg",
+        "https://site.test/img/coffee-1200.jpg": "https://site.test/img/coffee-600.jpg",
+    }

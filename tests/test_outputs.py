@@ -19,7 +19,6 @@ from magiclens.pipeline import output as output_module
 from magiclens.pipeline.output import (
     MANIFEST,
     SUCCESS,
-    OutputError,
     begin_run,
     check_writable,
     claim_is_stale,

@@ -18,18 +18,27 @@ Every input element ends as exactly one output: `(element, NormalizedImage)`, or
   not_image, decompression_bomb, too_small, aspect_ratio, animated, truncated, decode_error).
 """
 
-from magiclens.pipeline.fetch.cache import ImageCache, decode_cache_entry, encode_cache_entry
-from magiclens.pipeline.fetch.checks import (
-    STAGE,
-    FetchRefused,
-    checked_url,
-    image_header_refusal,
-    looks_like_html,
-    redirect_target,
-)
-from magiclens.pipeline.fetch.client import Downloaded, Fetcher
+import importlib
+
 from magiclens.pipeline.fetch.config import DEFAULT_USER_AGENT, FetchConfig, add_fetch_arguments
-from magiclens.pipeline.fetch.stage import FETCHED_TAG, Fetched, FetchImages, FetchWorker, host_shard
+
+# The Beam code and the HTTP client (aiohttp) load on first use, so that reading the options
+# (config.py) stays quick: `magiclens mine --help` imports neither.
+_LAZY = {
+    "STAGE": "checks", "FetchRefused": "checks", "checked_url": "checks", "image_header_refusal": "checks",
+    "looks_like_html": "checks", "redirect_target": "checks",
+    "ImageCache": "cache", "decode_cache_entry": "cache", "encode_cache_entry": "cache",
+    "Downloaded": "client", "Fetcher": "client",
+    "FETCHED_TAG": "stage", "Fetched": "stage", "FetchImages": "stage", "FetchWorker": "stage", "host_shard": "stage",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "DEFAULT_USER_AGENT",

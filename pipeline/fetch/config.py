@@ -7,12 +7,15 @@ import argparse
 import ipaddress
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from magiclens.pipeline.images import DEFAULT_IMAGE, ImageConfig
-from magiclens.pipeline.netguard import IPNetwork, parse_allowed_networks
 from magiclens.pipeline.retry import RetryPolicy
 from magiclens.pipeline.robots import USER_AGENT_TOKEN
 from magiclens.version import __version__
+
+if TYPE_CHECKING:
+    from magiclens.pipeline.netguard import IPNetwork
 
 LOG = logging.getLogger("magiclens.fetch")
 
@@ -83,6 +86,11 @@ class FetchConfig:
                 f"sites name in robots.txt; add your contact to it, e.g. "
                 f"'magiclens/{__version__} (+https://your.site/crawler; you@your.site)'"
             )
+        if not self.allow_private:
+            return
+        # netguard imports aiohttp: only for ranges to check, not for the defaults `mine --help` shows
+        from magiclens.pipeline.netguard import parse_allowed_networks
+
         versions = versions_fully_allowed(parse_allowed_networks(self.allow_private))
         if versions:
             LOG.warning(

@@ -11,7 +11,15 @@ Each stage module owns its Beam code; this package only configures (`config`) an
 Every stage counts what it received, kept and rejected (pipeline/accounting.py).
 """
 
-from magiclens.pipeline.mine.compose import build_pipeline, run
 from magiclens.pipeline.mine.config import FilterConfig, MineConfig, add_arguments, config_from_args
+
+
+def __getattr__(name: str) -> object:
+    # The pipeline (Beam) loads when a run starts: `magiclens mine --help` reads only config.py.
+    if name in ("build_pipeline", "run"):
+        from magiclens.pipeline.mine import compose
+
+        return getattr(compose, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["FilterConfig", "MineConfig", "add_arguments", "build_pipeline", "config_from_args", "run"]

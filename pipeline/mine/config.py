@@ -1,22 +1,21 @@
 """`magiclens mine`'s configuration: one frozen MineConfig built from the command line, checked
-before anything runs. The flags of every stage are declared here, in argument groups."""
+before anything runs. The flags of every stage are declared here, in argument groups.
+
+This module imports no Beam (the stages' settings come from Beam-free modules), so that
+`magiclens mine --help` and a bad flag answer at once."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, replace
 
-from apache_beam.io.filesystems import FileSystems
-
 from magiclens.pipeline.commoncrawl import add_crawl_arguments
-from magiclens.pipeline.dedupe import DedupeConfig
 from magiclens.pipeline.extract import DEFAULT_CONTEXT_CHARS
-from magiclens.pipeline.fetch import FetchConfig, add_fetch_arguments
+from magiclens.pipeline.fetch.config import FetchConfig, add_fetch_arguments
 from magiclens.pipeline.filters import RefFilterConfig, known_languages
 from magiclens.pipeline.images import DEFAULT_IMAGE, ImageConfig
 from magiclens.pipeline.pairs import PairingConfig
-from magiclens.pipeline.postdecode import DecodedImageConfig
-from magiclens.pipeline.warc import ReadLimits
+from magiclens.pipeline.stage_config import DecodedImageConfig, DedupeConfig, ReadLimits
 
 
 @dataclass(frozen=True)
@@ -244,6 +243,8 @@ def config_from_args(args: argparse.Namespace, inputs: list[str]) -> MineConfig:
 def _fetch_config(args: argparse.Namespace, image: ImageConfig) -> FetchConfig:
     """Without --image-cache, fetched images are cached in the output's work folder, so that a rerun
     (after a failure, or with more WARC files) sends no request that succeeded before."""
+    from apache_beam.io.filesystems import FileSystems
+
     config = FetchConfig.from_args(args, image)
     if config.image_cache is None:
         config = replace(config, image_cache=FileSystems.join(args.output, "_work", "image-cache"))

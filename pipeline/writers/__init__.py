@@ -1,7 +1,7 @@
 """Instruction writers: given a pair (query and target image with their text), write instructions.
 
-Every writer runs as a generation backend inside Beam's `RunInference` (see `chat.py`): `template`
-(rule-based, `template.py`), and the model backends `openai`, `vllm` and `transformers`, which
+Every writer runs as a generation backend (see `chat.py`): `template` (rule-based, `template.py`,
+in a plain ParDo), and in Beam's `RunInference` the model backends `openai`, `vllm` and `transformers`, which
 follow a versioned prompt (`prompt.py`) and whose answers are checked (`validate.py`). A writer has
 an id (`writer`, recorded in every triplet) and the id of the prompt it follows (`prompt_id` =
 name@version). `WriterRejected` carries the reason an element gets no output.

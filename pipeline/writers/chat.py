@@ -1,24 +1,28 @@
-"""Chat requests to a language model and the Beam `ModelHandler` that runs them on any backend.
+"""Chat requests to a language model, and running them on any backend in Beam.
 
 The captioner and the instruction writer both turn an element (an image, a pair) into a
-`GenerationTask` holding a `ChatRequest`, run it through `RunInference(GenerationModelHandler(backend))`
-and turn the `Generation` back into a caption or instructions. A backend (`openai`, `vllm`,
+`GenerationTask` holding a `ChatRequest`, run it on a backend and turn the `Generation` (in a
+`GenerationResult`) back into a caption or instructions. A backend (`openai`, `vllm`,
 `transformers`, and `template`, which writes from the pair itself without a model) only knows how
 to load its model and generate text for a batch of tasks; it never raises for one bad request but
 returns a failed `Generation` with a reason, so that one element never takes its batch down.
+
+Model backends run in `RunInference(GenerationModelHandler(backend))` (inference.py: Beam's
+RunInference imports torch, so it loads only for them); the template writer runs in
+`GenerateInProcess`, a plain ParDo on batches with the same results and rejects.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from magiclens.pipeline.accounting import NAMESPACE, StageCounters
+from magiclens.pipeline.accounting import NAMESPACE, REJECTS_TAG, StageCounters
+
 
 @dataclass(frozen=True)
 class ChatMessage:
@@ -89,32 +93,60 @@ class GenerationBackend(Protocol):
         ...
 
 
-class GenerationModelHandler(ModelHandler[GenerationTask, PredictionResult, Any]):
-    """Runs GenerationTasks on a backend inside `RunInference` (batching, one model per process)."""
+class GenerationResult(NamedTuple):
+    """A task and its generation; the fields of Beam's PredictionResult, which RunInference emits."""
 
-    def __init__(self, backend: GenerationBackend, batch_size: int, metrics_namespace: str):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+    example: GenerationTask
+    inference: Generation
+    model_id: str
+
+
+def generate_batch(backend: GenerationBackend, model: Any, batch: Sequence[GenerationTask]) -> list[GenerationResult]:
+    """One GenerationResult per task of `batch`; raises when the backend does not answer every task."""
+    generations = backend.generate(model, batch)
+    if len(generations) != len(batch):
+        raise RuntimeError(f"{backend.backend_id} answered {len(generations)} of {len(batch)} requests")
+    return [GenerationResult(task, generation, backend.backend_id) for task, generation in zip(batch, generations)]
+
+
+class _GenerateBatches(beam.DoFn):
+    """A batch of tasks -> a GenerationResult per task; a batch whose generation raises -> every task
+    rejected as `inference_error`, as RejectFailedBatch rejects RunInference's dead letters."""
+
+    def __init__(self, backend: GenerationBackend, stage: str):
         self.backend = backend
-        self.metrics_namespace = metrics_namespace
+        self.stage = stage
 
-    def load_model(self) -> Any:
-        return self.backend.load()
+    def setup(self):
+        self.model = self.backend.load()
+        self.counters = StageCounters(self.stage)
 
-    def run_inference(
-        self, batch: Sequence[GenerationTask], model: Any, inference_args: dict | None = None
-    ) -> Iterable[PredictionResult]:
-        generations = self.backend.generate(model, batch)
-        if len(generations) != len(batch):
-            raise RuntimeError(f"{self.backend.backend_id} answered {len(generations)} of {len(batch)} requests")
-        return [PredictionResult(task, generation, self.backend.backend_id) for task, generation in zip(batch, generations)]
+    def process(self, batch: list[GenerationTask]):
+        try:
+            results = generate_batch(self.backend, self.model, batch)
+        except Exception as error:  # noqa: BLE001 - like RunInference's exception handling: the batch is rejected
+            for task in batch:
+                yield self.counters.reject(task.key, "inference_error", repr(error))
+            return
+        yield from results
 
-    def get_num_bytes(self, batch: Sequence[GenerationTask]) -> int:
-        return sum(
-            len(m.text) + sum(len(i) for i in m.images) for task in batch if task.request for m in task.request.messages
+
+class GenerateInProcess(beam.PTransform):
+    """GenerationTasks -> {"generated": GenerationResults, REJECTS_TAG: failed batches} on a backend
+    with no model to load and share (the rule-based template writer), without RunInference."""
+
+    def __init__(self, backend: GenerationBackend, batch_size: int, stage: str):
+        super().__init__()
+        self.backend = backend
+        self.batch_size = batch_size
+        self.stage = stage
+
+    def expand(self, tasks):
+        return (
+            tasks
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+            | "Generate" >> beam.ParDo(_GenerateBatches(self.backend, self.stage)).with_outputs(REJECTS_TAG, main="generated")
         )
-
-    def get_metrics_namespace(self) -> str:
-        return self.metrics_namespace
 
 
 class TokenCounters:
@@ -124,7 +156,7 @@ class TokenCounters:
         self.prompt = beam.metrics.Metrics.counter(NAMESPACE, f"{role}_tokens.prompt")
         self.completion = beam.metrics.Metrics.counter(NAMESPACE, f"{role}_tokens.completion")
 
-    def add(self, result: PredictionResult) -> None:
+    def add(self, result: GenerationResult) -> None:
         if result.inference.prompt_tokens or result.inference.completion_tokens:  # backends without a model report none
             self.prompt.inc(result.inference.prompt_tokens)
             self.completion.inc(result.inference.completion_tokens)

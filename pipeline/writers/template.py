@@ -57,7 +57,7 @@ class TemplateWriter:
 
 @dataclass
 class TemplateBackend:
-    """The template writer as a generation backend, so every writer runs the same way in `RunInference`.
+    """The template writer as a generation backend, so every writer's answers are handled the same way.
 
     Its answer is the JSON a model would give ({"instructions": [...]}); being rule-built from
     cleaned text rather than model output, it is parsed but not put through the model-output checks.
