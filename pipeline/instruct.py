@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -32,13 +31,13 @@ from magiclens.pipeline.accounting import (
     StageCounters,
     counters_from_result,
     stats_from_counters,
-    unbalanced_stages,
     write_json,
 )
 from magiclens.pipeline.beam_options import configure_logging, pipeline_options
 from magiclens.pipeline.card import write_card
 from magiclens.pipeline.captions import AttachCaptions, CaptionImages, default_captions_dir
 from magiclens.pipeline.hashing import stable_hash
+from magiclens.pipeline.preflight import run_exit_status
 from magiclens.pipeline.instruct_arguments import add_arguments  # noqa: F401 - re-exported
 from magiclens.pipeline.records import Reject
 from magiclens.pipeline.output import begin_run, check_writable, require_committed_dataset
@@ -353,16 +352,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
               f"({captions.get('out', 0)} kept, rejected {captions.get('rejected', {})})  cache: {config.captions}")
     print(f"stats: {FileSystems.join(config.output, 'stats.json')}")
     print(f"report: {FileSystems.join(config.output, REPORT_NAME)}")
-    broken = unbalanced_stages(stats)
-    if broken:
-        LOG.error("stages whose counts do not balance: %s", ", ".join(broken))
-        return 1
-    if not stats.get("outputs", {}).get("triplets"):
-        from magiclens.pipeline.preflight import explain_empty_output
-
-        print(f"magiclens instruct: no triplets written: {explain_empty_output(stats, 'triplets')}", file=sys.stderr)
-        return 1
-    return 0
+    return run_exit_status("instruct", stats, "triplets")
 
 
 def _write_stats(folder: str, config: InstructConfig, prompt_id: str, stats: dict, seconds: float) -> None:

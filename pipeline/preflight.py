@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import urllib.error
 import urllib.request
+
+from magiclens.pipeline.accounting import unbalanced_stages
 
 ENDPOINT_CHECK_TIMEOUT_S = 5.0
 
@@ -56,3 +60,17 @@ def explain_empty_output(stages: dict, what: str) -> str:
     if starved:
         return f"nothing reached stage(s) {', '.join(starved)}"
     return f"no {what} came out; see stats.json and rejects/ for each stage's counts"
+
+
+def run_exit_status(command: str, stages: dict, what: str) -> int:
+    """The exit status of a finished `mine` or `instruct` run: 1, with the reason, when a stage does
+    not balance or nothing (`what`: pairs, triplets) was written; else 0."""
+    broken = unbalanced_stages(stages)
+    if broken:
+        logging.getLogger(f"magiclens.{command}").error(
+            "stages whose counts do not balance (in != out + rejected): %s", ", ".join(broken))
+        return 1
+    if not stages.get("outputs", {}).get(what):
+        print(f"magiclens {command}: no {what} written: {explain_empty_output(stages, what)}", file=sys.stderr)
+        return 1
+    return 0

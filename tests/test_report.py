@@ -12,16 +12,14 @@ import base64
 import io
 import json
 import re
-import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from devtools import open_page
 from magiclens.cli import main
 from magiclens.pipeline.report import (
     MAX_BARS,
@@ -36,11 +34,6 @@ from magiclens.pipeline.report import (
     triplet_card,
     write_report,
 )
-
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--remote-debugging-port=0",
-]
 
 
 @pytest.fixture(scope="module")
@@ -60,68 +53,20 @@ def instructed(mined, tmp_path_factory) -> Path:
     return output
 
 
-# --- a minimal DevTools client --------------------------------------------------------------------
-
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    pytest.fail("headless Chromium is needed: apt-get install -y chromium chromium-driver (make test does it)")
+# --- the report in headless Chromium --------------------------------------------------------------
 
 
 async def _render(url: str, profile: Path) -> tuple[list[dict], bytes]:
-    process = subprocess.Popen(
-        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,900", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        for _ in range(300):
-            if port_file.exists() and port_file.read_text().strip():
-                break
-            await asyncio.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-                    pages = [t for t in await response.json() if t["type"] == "page" and t["url"].startswith("file:")]
-                if pages:
-                    break
-                await asyncio.sleep(0.1)
-            async with session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as socket:
-                ids = iter(range(1, 1_000_000))
-
-                async def call(method: str, **params) -> dict:
-                    message_id = next(ids)
-                    await socket.send_json({"id": message_id, "method": method, "params": params})
-                    async for message in socket:
-                        reply = json.loads(message.data)
-                        if reply.get("id") == message_id:
-                            assert "error" not in reply, reply
-                            return reply["result"]
-                    raise RuntimeError("the DevTools connection closed")
-
-                async def evaluate(expression: str):
-                    reply = await call("Runtime.evaluate", expression=expression, returnByValue=True)
-                    assert "exceptionDetails" not in reply and "value" in reply["result"], (expression, reply)
-                    return reply["result"]["value"]
-
-                for _ in range(300):
-                    if await evaluate("location.protocol === 'file:' && document.readyState === 'complete'"):
-                        break
-                    await asyncio.sleep(0.1)
-                height = await evaluate("document.documentElement.scrollHeight")
-                await call("Emulation.setDeviceMetricsOverride", width=1280, height=height, deviceScaleFactor=1, mobile=False)
-                images = await evaluate(
-                    "[...document.images].map(i => ({natural: i.naturalWidth, complete: i.complete,"
-                    " box: (r => [r.x, r.y + window.scrollY, r.width, r.height])(i.getBoundingClientRect())}))"
-                )
-                shot = await call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        return images, base64.b64decode(shot["data"])
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    async with open_page(url, profile) as page:
+        await page.wait_for("location.protocol === 'file:' && document.readyState === 'complete'", tries=300)
+        height = await page.evaluate("document.documentElement.scrollHeight")
+        await page.call("Emulation.setDeviceMetricsOverride", width=1280, height=height, deviceScaleFactor=1, mobile=False)
+        images = await page.evaluate(
+            "[...document.images].map(i => ({natural: i.naturalWidth, complete: i.complete,"
+            " box: (r => [r.x, r.y + window.scrollY, r.width, r.height])(i.getBoundingClientRect())}))"
+        )
+        shot = await page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    return images, base64.b64decode(shot["data"])
 
 
 def render(report: Path, tmp_path: Path) -> tuple[list[dict], Image.Image]:

@@ -6,29 +6,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
-import subprocess
 import threading
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
-import aiohttp
 import pytest
 import torch
 
+from devtools import open_page
 from magiclens import api
 from magiclens.cli import main
 from magiclens.model.checkpoint import build_model, save_checkpoint
 from magiclens.model.search import Searcher
 from magiclens.model.serve import make_server
-
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--remote-debugging-port=0",
-]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -110,64 +102,20 @@ def test_bad_requests_get_a_reason(server, shared_data: Path) -> None:
 
 
 async def _submit_form(url: str, image: Path, instruction: str, k: int, profile: Path) -> dict:
-    chromium = shutil.which("chromium") or pytest.fail("headless Chromium is needed: apt-get install -y chromium")
-    process = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        for _ in range(300):
-            if port_file.exists() and port_file.read_text().strip():
-                break
-            await asyncio.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-                    pages = [t for t in await response.json() if t["type"] == "page" and t["url"].startswith(url)]
-                if pages:
-                    break
-                await asyncio.sleep(0.1)
-            async with session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as socket:
-                ids = iter(range(1, 1_000_000))
-
-                async def call(method: str, **params) -> dict:
-                    message_id = next(ids)
-                    await socket.send_json({"id": message_id, "method": method, "params": params})
-                    async for message in socket:
-                        reply = json.loads(message.data)
-                        if reply.get("id") == message_id:
-                            assert "error" not in reply, reply
-                            return reply["result"]
-                    raise RuntimeError("the DevTools connection closed")
-
-                async def evaluate(expression: str):
-                    reply = await call("Runtime.evaluate", expression=expression, returnByValue=True)
-                    assert "exceptionDetails" not in reply, (expression, reply)
-                    return reply["result"].get("value")
-
-                async def wait_for(expression: str) -> None:
-                    for _ in range(600):
-                        if await evaluate(expression):
-                            return
-                        await asyncio.sleep(0.1)
-                    raise AssertionError(f"never true: {expression}")
-
-                await wait_for("document.readyState === 'complete' && !!document.querySelector('form')")
-                document = await call("DOM.getDocument")
-                file_input = await call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="input[type=file]")
-                await call("DOM.setFileInputFiles", nodeId=file_input["nodeId"], files=[str(image)])
-                await evaluate(f"document.querySelector('input[name=instruction]').value = {json.dumps(instruction)};"
-                               f"document.querySelector('input[name=k]').value = '{k}';"
-                               "document.querySelector('button[type=submit]').click(); true")
-                await wait_for("location.pathname === '/search' && document.readyState === 'complete'"
-                               " && [...document.images].every(i => i.complete)")
-                return await evaluate(
-                    "({title: document.title, text: document.body.innerText,"
-                    " widths: [...document.images].map(i => i.naturalWidth)})"
-                )
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    async with open_page(url, profile) as page:
+        await page.wait_for("document.readyState === 'complete' && !!document.querySelector('form')")
+        document = await page.call("DOM.getDocument")
+        file_input = await page.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="input[type=file]")
+        await page.call("DOM.setFileInputFiles", nodeId=file_input["nodeId"], files=[str(image)])
+        await page.evaluate(f"document.querySelector('input[name=instruction]').value = {json.dumps(instruction)};"
+                            f"document.querySelector('input[name=k]').value = '{k}';"
+                            "document.querySelector('button[type=submit]').click(); true")
+        await page.wait_for("location.pathname === '/search' && document.readyState === 'complete'"
+                            " && [...document.images].every(i => i.complete)")
+        return await page.evaluate(
+            "({title: document.title, text: document.body.innerText,"
+            " widths: [...document.images].map(i => i.naturalWidth)})"
+        )
 
 
 def test_chromium_submits_the_search_form_and_sees_thumbnails(server, photos: Path, tmp_path: Path) -> None:

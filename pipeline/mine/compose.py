@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import asdict
 
@@ -22,7 +21,6 @@ from magiclens.pipeline.accounting import (
     REJECTS_TAG,
     counters_from_result,
     stats_from_counters,
-    unbalanced_stages,
     write_json,
 )
 from magiclens.pipeline.beam_options import configure_logging, pipeline_options
@@ -44,6 +42,7 @@ from magiclens.pipeline.mine.work import (
 )
 from magiclens.pipeline.output import begin_run, check_filesystem_available, check_writable, local_path
 from magiclens.pipeline.postdecode import CheckDecodedImages
+from magiclens.pipeline.preflight import run_exit_status
 from magiclens.pipeline.records import Reject
 from magiclens.pipeline.report import REPORT_NAME, write_report
 
@@ -210,13 +209,4 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise
     _print_stats(config.output, stats)
     print(f"report: {FileSystems.join(config.output, REPORT_NAME)}")
-    broken = unbalanced_stages(stats)
-    if broken:
-        LOG.error("stages whose counts do not balance (in != out + rejected): %s", ", ".join(broken))
-        return 1
-    if not stats.get("outputs", {}).get("pairs"):
-        from magiclens.pipeline.preflight import explain_empty_output
-
-        print(f"magiclens mine: no pairs written: {explain_empty_output(stats, 'pairs')}", file=sys.stderr)
-        return 1
-    return 0
+    return run_exit_status("mine", stats, "pairs")
