@@ -57,11 +57,13 @@ class CheckStage(beam.DoFn):
     """A stage that keeps an element or rejects it with a reason, in the spirit of datatrove's BaseFilter.
 
     Subclasses set `stage` (the counter prefix) and implement `problem` and `element_id`; `output`
-    may turn a kept element into what the stage emits (the element itself by default). Use it with
-    `beam.ParDo(check).with_outputs(REJECTS_TAG, main=...)`.
+    may turn a kept element into what the stage emits (the element itself by default). A check that
+    is the first step of a stage whose last step counts what the stage keeps sets `counts_kept` to
+    False. Use it with `beam.ParDo(check).with_outputs(REJECTS_TAG, main=...)`.
     """
 
     stage: str = ""
+    counts_kept: bool = True
 
     def problem(self, element) -> Problem:
         raise NotImplementedError
@@ -81,7 +83,8 @@ class CheckStage(beam.DoFn):
         if found is not None:
             yield self.counters.reject(self.element_id(element), *found)
             return
-        self.counters.kept()
+        if self.counts_kept:
+            self.counters.kept()
         yield self.output(element)
 
 

@@ -28,6 +28,8 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 from magiclens.pipeline import schemas
 from magiclens.pipeline.accounting import (
     REJECTS_TAG,
+    CheckStage,
+    Problem,
     StageCounters,
     counters_from_result,
     stats_from_counters,
@@ -121,28 +123,31 @@ def triplet_rows(pair: dict, instructions: list[str], spec: WriterSpec) -> list[
     ]
 
 
-class BuildWriterTasks(beam.DoFn):
+class BuildWriterTasks(CheckStage):
     """A pair -> the writer's task (its rendered prompt), or a reject when a caption it needs is missing.
 
-    The first half of stage `instruct` (TripletsFromGenerations counts what it keeps), so not a CheckStage.
+    The first step of stage `instruct`: TripletsFromGenerations counts the pairs the stage keeps.
     """
+
+    stage = STAGE
+    counts_kept = False
 
     def __init__(self, spec: WriterSpec):
         self.spec = spec
 
-    def setup(self):
-        self.pairs = StageCounters(STAGE)
-
-    def process(self, pair: dict):
-        self.pairs.received()
-        pair_id = pair.get("pair_id") or ""
+    def problem(self, pair: dict) -> Problem:
         if self.spec.captioned and not (pair.get("query_caption") and pair.get("target_caption")):
             missing = [side for side in ("query", "target") if not pair.get(f"{side}_caption")]
             detail = ", ".join(f"{side} image {pair.get(f'{side}_sha256')}" for side in missing)
-            yield self.pairs.reject(pair_id, "missing_caption", f"no caption for the {detail}; see the captions rejects")
-            return
+            return "missing_caption", f"no caption for the {detail}; see the captions rejects"
+        return None
+
+    def element_id(self, pair: dict) -> str:
+        return pair.get("pair_id") or ""
+
+    def output(self, pair: dict) -> GenerationTask:
         request = instruction_request(self.spec.prompt, pair, self.spec.count, self.spec.seed) if self.spec.prompt else None
-        yield GenerationTask(key=pair_id, request=request, payload=pair)
+        return GenerationTask(key=self.element_id(pair), request=request, payload=pair)
 
 
 class TripletsFromGenerations(beam.DoFn):
