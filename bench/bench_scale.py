@@ -8,8 +8,9 @@ has 8 times the pages, image URLs and records, not 8 times bigger groups of the 
 image bytes are the same in every copy, so near-duplicate clusters do span copies (and the
 furniture and per-image caps drop more of them at 8x); a gzip'd or chunked HTML body is undone,
 rewritten and encoded again the same way. Broken records and files are copied byte for byte, and so break the
-same way. Each run is a fresh `magiclens mine --no-fetch` process; its peak RSS comes from the
-kernel (wait4's ru_maxrss of that child).
+same way. Each run is a fresh `magiclens mine --no-fetch` process; its peak RSS is the kernel's
+high-water mark of that process (VmHWM in /proc/PID/status, polled while it runs; the Beam worker
+runs in that process with the default in-process runner).
 
 - memory: peak RSS at 8x against 1x, one in-process worker (goal <= 1.3: nothing holds the corpus);
 - throughput: WARC records per second of pipeline time, with `--direct_num_workers=2
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,19 +202,35 @@ def _dechunk(body: bytes) -> bytes:
         position += size + 2
 
 
+def _high_water_rss(pid: int) -> int:
+    """VmHWM of a running process, in bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def mine(pattern: str, output: Path, beam_args: list[str]) -> MineRun:
     # The copies share their image bytes: without a higher limit every image of 24 copies would be
     # furniture seen on too many pages, and the run would write no pair.
     command = [sys.executable, "-m", "magiclens", "mine", "--input", pattern, "--output", str(output), "--no-fetch",
                "--max-pages-per-image", "1000", *beam_args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    stderr = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.decode(errors='replace')[-3000:]}")
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, cwd=ROOT)
+        # The child's own high-water mark, polled: wait4's ru_maxrss would also count what the forked
+        # bench process held before the exec (hundreds of MiB once earlier benches loaded torch).
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, _high_water_rss(process.pid))
+            time.sleep(0.02)
+        if process.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed:\n{errors.read().decode(errors='replace')[-3000:]}")
     stats = json.loads((output / "stats.json").read_text())
-    return MineRun(usage.ru_maxrss * 1024, stats["stages"]["records"]["in"], stats["seconds"])
+    return MineRun(peak, stats["stages"]["records"]["in"], stats["seconds"])
 
 
 def median_run(runs: list[MineRun]) -> MineRun:
