@@ -28,3 +28,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MagicLens saved as a checkpoint (seed 1); a test file may define its own."""
+    import torch
+
+    from magiclens.model.checkpoint import build_model, save_checkpoint
+
+    torch.manual_seed(1)
+    model, preprocess = build_model("tiny")
+    path = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    save_checkpoint(path, model, preprocess, step=0)
+    return path

@@ -38,15 +38,6 @@ def run_json(module: object, argv: list[str], capsys: pytest.CaptureFixture[str]
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    model, preprocess = build_model("tiny")
-    path = tmp_path_factory.mktemp("tiny") / "checkpoint"
-    save_checkpoint(path, model, preprocess, step=0)
-    return path
-
-
-@pytest.fixture(scope="module")
 def photos(shared_data: Path) -> Path:
     return shared_data / "images" / "photos"
 

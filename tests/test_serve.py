@@ -13,23 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from devtools import open_page
 from magiclens import api
 from magiclens.cli import main
-from magiclens.model.checkpoint import build_model, save_checkpoint
 from magiclens.model.search import Searcher
 from magiclens.model.serve import make_server
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    model, preprocess = build_model("tiny")
-    path = tmp_path_factory.mktemp("tiny") / "checkpoint"
-    save_checkpoint(path, model, preprocess, step=0)
-    return path
-
 
 @pytest.fixture(scope="module")
 def photos(shared_data: Path) -> Path:
